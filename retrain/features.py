@@ -1,0 +1,187 @@
+"""Bottlenecks: backbone features per image, computed once and cached by content.
+
+`FeatureCache` stores one float32 vector per (backbone id, preprocessing version, image sha256)
+as a small .npy file, written to a temporary name and renamed, so a killed run never leaves a
+half-written entry and a damaged one is detected and recomputed. `compute_features` runs only the
+images the cache lacks through a tf.data pipeline (parallel read, decode and resize, batched
+backbone calls, cache writes on a background thread). `write_split_arrays` then gathers the
+per-split arrays the train and evaluate stages read.
+"""
+
+import csv
+import hashlib
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from retrain.errors import RetrainError
+from retrain.images import PREPROCESSING_VERSION, decode_image, resize_image
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of split.csv: an image path (relative to the project root), its class and split."""
+
+    path: str
+    label: str
+    split: str
+    sha256: str
+
+
+def read_split(path: Path) -> list[Example]:
+    """The rows of data/split.csv, in file order."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [Example(r["path"], r["label"], r["split"], r["sha256"]) for r in csv.DictReader(handle)]
+    except FileNotFoundError:
+        raise RetrainError(f"{path}: not found; run the split stage first (dvc repro split)") from None
+    except KeyError as missing:
+        raise RetrainError(f"{path}: column {missing} missing; rerun the split stage") from None
+
+
+def dataset_hash(examples: list[Example]) -> str:
+    """sha256 of the whole labelled, split dataset: equal hashes mean the same images and labels."""
+    digest = hashlib.sha256()
+    for e in sorted(examples, key=lambda e: e.path):
+        digest.update(f"{e.path}\t{e.label}\t{e.split}\t{e.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def class_names(examples: list[Example]) -> list[str]:
+    """Labels in index order: sorted, so the same folders always give the same indices."""
+    return sorted({example.label for example in examples})
+
+
+class FeatureCache:
+    """Content-addressed feature vectors of one backbone: root/<backbone id>/p<version>/ab/<sha>.npy"""
+
+    def __init__(self, root: Path, backbone_id: str, feature_dim: int):
+        self.folder = Path(root) / backbone_id / f"p{PREPROCESSING_VERSION}"
+        self.feature_dim = feature_dim
+
+    def path(self, sha256: str) -> Path:
+        return self.folder / sha256[:2] / f"{sha256}.npy"
+
+    def get(self, sha256: str) -> np.ndarray | None:
+        """The cached vector, or None when absent or damaged (a damaged entry is removed)."""
+        path = self.path(sha256)
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError):
+            path.unlink(missing_ok=True)
+            return None
+        if vector.shape != (self.feature_dim,) or vector.dtype != np.float32:
+            path.unlink(missing_ok=True)
+            return None
+        return vector
+
+    def put(self, sha256: str, vector: np.ndarray) -> None:
+        """Store atomically: a reader sees the whole entry or none."""
+        path = self.path(sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.save(out, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+def _image_dataset(paths, shas, image_size, batch_size):
+    def load(path, sha):
+        return resize_image(decode_image(tf.io.read_file(path)), image_size), sha
+
+    dataset = tf.data.Dataset.from_tensor_slices((paths, shas))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A file that changed since split must not stop the whole run: its sha simply never arrives.
+    dataset = dataset.ignore_errors()
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def compute_features(examples: list[Example], backbone, cache: FeatureCache, batch_size: int) -> dict:
+    """Fill the cache for every example it lacks; return counts and images/s.
+
+    Each distinct image content is computed once, however many rows share it.
+    """
+    missing = {}
+    for example in examples:
+        if example.sha256 not in missing and cache.get(example.sha256) is None:
+            missing[example.sha256] = example.path
+    stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
+    started = time.perf_counter()
+    if missing:
+        features = tf.function(backbone.features)
+        dataset = _image_dataset(list(missing.values()), list(missing), backbone.image_size, batch_size)
+        with ThreadPoolExecutor(max_workers=1) as writer, tqdm(
+            total=len(missing), unit="img", desc="bottlenecks", mininterval=1.0
+        ) as bar:
+            for images, shas in dataset:
+                vectors = features(images).numpy()
+                writer.submit(_put_batch, cache, [s.decode() for s in shas.numpy()], vectors)
+                bar.update(len(vectors))
+                stats["computed"] += len(vectors)
+    seconds = time.perf_counter() - started
+    stats["seconds"] = round(seconds, 3)
+    stats["images_per_second"] = round(stats["computed"] / seconds, 2) if stats["computed"] else 0.0
+    return stats
+
+
+def _put_batch(cache: FeatureCache, shas: list[str], vectors: np.ndarray) -> None:
+    for sha, vector in zip(shas, vectors):
+        cache.put(sha, vector)
+
+
+def write_split_arrays(examples: list[Example], cache: FeatureCache, out_dir: Path) -> dict[str, int]:
+    """Write out_dir/<split>.npz (features float32 [N,D], labels int32 [N], paths) and labels.txt."""
+    names = class_names(examples)
+    index = {name: i for i, name in enumerate(names)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in SPLITS:
+        rows = [e for e in examples if e.split == split]
+        vectors = []
+        for example in rows:
+            vector = cache.get(example.sha256)
+            if vector is None:
+                raise RetrainError(
+                    f"{example.path}: could not be decoded now though split accepted it; "
+                    "did it change? rerun `dvc repro`"
+                )
+            vectors.append(vector)
+        features = np.stack(vectors) if vectors else np.zeros((0, cache.feature_dim), np.float32)
+        np.savez(
+            out_dir / f"{split}.npz",
+            features=features,
+            labels=np.array([index[e.label] for e in rows], dtype=np.int32),
+            paths=np.array([e.path for e in rows], dtype=str),
+        )
+        counts[split] = len(rows)
+    (out_dir / "labels.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return counts
+
+
+def load_split_arrays(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features float32 [N,D], labels int32 [N], paths) of one split."""
+    path = Path(features_dir) / f"{split}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["features"], data["labels"], [str(p) for p in data["paths"]]
+    except FileNotFoundError:
+        raise RetrainError(f"{path}: not found; run the bottlenecks stage first") from None
+
+
+def load_labels(features_dir: Path) -> list[str]:
+    return Path(features_dir, "labels.txt").read_text(encoding="utf-8").splitlines()

@@ -1,0 +1,95 @@
+"""The one image decoder, shared by split, bottlenecks, export and predict.
+
+Training and serving must see the same pixels, so every path that turns image bytes into model
+input goes through `decode_image` and `resize_image` here: split uses them to decide which files
+are usable, bottlenecks to compute features, and export embeds the very same TensorFlow ops in the
+SavedModel's serving signature (so everything here stays plain TensorFlow ops, no Python or PIL).
+Changing either function changes features, so bump `PREPROCESSING_VERSION`: it is part of every
+feature-cache key.
+"""
+
+import tensorflow as tf
+
+# 2: JPEGs are turned upright by their EXIF Orientation tag, as photo viewers show them.
+PREPROCESSING_VERSION = "2"
+
+# An APP1 Exif segment is at most 64 KiB and sits right after SOI (or a JFIF APP0), so the tag is
+# always within this many leading bytes.
+_EXIF_SEARCH_BYTES = 65536
+_MAX_IFD_ENTRIES = 128
+
+
+def decode_image(contents):
+    """Decode encoded image bytes (JPEG, PNG, GIF first frame, BMP, WebP) to upright RGB.
+
+    contents: scalar tf.string Tensor. Returns a uint8 Tensor of shape [H, W, 3]: grayscale is
+    replicated, alpha dropped, CMYK converted, 16-bit scaled to 8, and a JPEG is rotated/flipped
+    by its EXIF Orientation tag. Raises tf.errors.InvalidArgumentError on bytes that are no
+    decodable image.
+    """
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+    image = _apply_orientation(image, exif_orientation(contents))
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_image(image, size):
+    """uint8 [H, W, 3] → float32 [size[0], size[1], 3] in [0, 1], bilinear."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    return tf.image.resize(image, size, method="bilinear")
+
+
+def exif_orientation(contents):
+    """EXIF Orientation (1..8) of JPEG bytes as an int32 scalar; 1 when absent or unreadable.
+
+    Reads IFD0 of the first APP1 "Exif" segment with tensor ops (no Python), little or big endian.
+    """
+    head = tf.io.decode_raw(tf.strings.substr(contents, 0, _EXIF_SEARCH_BYTES), tf.uint8)
+    size = tf.shape(head)[0]
+    padded = tf.concat([head, tf.zeros([16], tf.uint8)], 0)
+    # An APP1 marker (FF E1), a 2-byte length, then "Exif\0\0".
+    pattern = [0xFF, 0xE1, None, None, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00]
+    found = tf.ones([size], tf.bool)
+    for k, byte in enumerate(pattern):
+        if byte is not None:
+            found &= padded[k : k + size] == byte
+    has_exif = tf.reduce_any(found)
+    first = tf.argmax(tf.cast(tf.concat([found, [False]], 0), tf.int32))  # never empty
+    tiff = tf.cast(first, tf.int32) + 10  # TIFF header start
+    head = tf.cast(padded, tf.int32)
+    little = tf.gather(head, tiff) == 0x49  # "II" (Intel); else "MM" (Motorola)
+
+    def u16(offset):
+        offset = tf.clip_by_value(offset, 0, size + 8)
+        first, second = tf.gather(head, offset), tf.gather(head, offset + 1)
+        return tf.where(little, first + 256 * second, 256 * first + second)
+
+    def u32_small(offset):  # offsets inside a 64 KiB segment: the high half is zero
+        return tf.where(little, u16(offset), u16(offset + 2))
+
+    ifd0 = tiff + u32_small(tiff + 4)
+    entries = ifd0 + 2 + 12 * tf.range(_MAX_IFD_ENTRIES)
+    is_orientation = (u16(entries) == 0x0112) & (tf.range(_MAX_IFD_ENTRIES) < u16(ifd0))
+    value = tf.reduce_max(tf.where(is_orientation, u16(entries + 8), 0))
+    is_jpeg = (size > 2) & (tf.gather(head, 0) == 0xFF) & (tf.gather(head, 1) == 0xD8)
+    valid = is_jpeg & has_exif & (value >= 1) & (value <= 8)
+    return tf.where(valid, value, 1)
+
+
+def _apply_orientation(image, orientation):
+    """Turn [H, W, 3] upright for EXIF orientation 1..8 (as PIL's ImageOps.exif_transpose)."""
+
+    def transpose():
+        return tf.transpose(image, [1, 0, 2])
+
+    branches = [
+        lambda: image,  # 1: upright
+        lambda: tf.image.flip_left_right(image),  # 2: mirrored
+        lambda: tf.image.rot90(image, 2),  # 3: upside down
+        lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
+        transpose,  # 5: mirrored, rotated
+        lambda: tf.image.rot90(image, 3),  # 6: camera turned clockwise: turn 90° clockwise
+        lambda: tf.image.rot90(transpose(), 2),  # 7: transverse
+        lambda: tf.image.rot90(image, 1),  # 8: camera turned anticlockwise
+    ]
+    return tf.switch_case(orientation - 1, branches, default=branches[0])

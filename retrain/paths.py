@@ -1,0 +1,20 @@
+"""Every path the pipeline reads or writes, relative to the project root; dvc.yaml names the same."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW_DIR = Path("data/raw")  # download: data/raw/<name>/<class>/<image>
+SPLIT_CSV = Path("data/split.csv")  # split: path,label,split,sha256
+REJECTED_CSV = Path("data/rejected.csv")  # split: path,reason
+FEATURES_DIR = Path("data/features")  # bottlenecks: <split>.npz, labels.txt, meta.json
+BOTTLENECKS_STATS = Path("data/bottlenecks.json")  # bottlenecks: counts and images/s
+TRAIN_DIR = Path("data/train")  # train: head.keras, history.csv, run.json
+HEAD = TRAIN_DIR / "head.keras"
+HISTORY_CSV = TRAIN_DIR / "history.csv"
+RUN_FILE = TRAIN_DIR / "run.json"
+EVALUATE_DIR = Path("data/evaluate")  # evaluate: metrics.json, predictions.npz, confusion.csv
+METRICS = EVALUATE_DIR / "metrics.json"
+PREDICTIONS = EVALUATE_DIR / "predictions.npz"
+REPORTS_DIR = Path("reports")  # evaluate: pictures and pages a person looks at
+MODEL_DIR = Path("model")  # export: saved_model/, labels.txt, model.tflite
+LOGS_DIR = Path("logs")  # TensorBoard: logs/<run name>/

@@ -1,0 +1,168 @@
+"""`retrain predict`: classify image files with an exported model, as predict.py always did.
+
+Prints every label's probability (or the top K) per image; `--category_names` maps labels to
+display names (keys are label names, or 1-based class indices as in Oxford 102's label_map.json);
+`--json` prints machine-readable output; `--show` draws the image beside its top predictions.
+A bad file gets its own error line and the others go on.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrain.errors import RetrainError
+
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str] = field(default_factory=list)  # display names, most probable first
+    probabilities: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        ranked = [{"label": n, "probability": round(p, 6)} for n, p in zip(self.labels, self.probabilities)]
+        return {"path": self.path, "predictions": ranked}
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """The files named, and every non-hidden file under the folders named, in a stable order."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for folder, dirs, names in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(Path(folder) / n for n in sorted(names) if not n.startswith("."))
+        else:
+            files.append(item)
+    return files
+
+
+def load_category_names(path: Path | None, labels: list[str]) -> list[str]:
+    """Display names in label order: a JSON object keyed by label name or 1-based class index."""
+    if path is None:
+        return labels
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RetrainError(f"{path}: cannot read category names ({error}); give a JSON object") from None
+    if not isinstance(mapping, dict):
+        raise RetrainError(f"{path}: expected a JSON object mapping labels (or 1-based indices) to names")
+    return [str(mapping.get(label, mapping.get(str(i + 1), label))) for i, label in enumerate(labels)]
+
+
+def _read_checked(path: Path) -> bytes:
+    """The file's bytes, refused when too large in bytes or in pixels (without decoding pixels)."""
+    from PIL import Image
+
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise RetrainError(f"{size} bytes, over the {MAX_FILE_BYTES} byte limit")
+    contents = path.read_bytes()
+    try:
+        import io
+
+        with Image.open(io.BytesIO(contents)) as image:
+            width, height = image.size
+    except Exception:
+        raise RetrainError("not a readable image") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RetrainError(f"{width}x{height} pixels, over the {MAX_IMAGE_PIXELS} pixel limit")
+    return contents
+
+
+def predict_files(model, files: list[Path], names: list[str], top_k: int | None) -> list[Prediction]:
+    """Classify each file alone, so one bad file cannot spoil the others' answers."""
+    import tensorflow as tf
+
+    serve = model.signatures["serving_default"]
+    results = []
+    for path in files:
+        result = Prediction(str(path))
+        try:
+            contents = _read_checked(path)
+            probabilities = serve(image_bytes=tf.constant([contents]))["probabilities"].numpy()[0]
+        except RetrainError as error:
+            result.error = str(error)
+        except (OSError, tf.errors.InvalidArgumentError) as error:
+            result.error = "cannot decode: " + str(getattr(error, "message", error)).splitlines()[0]
+        else:
+            order = np.argsort(-probabilities, kind="stable")[: top_k or len(probabilities)]
+            result.labels = [names[i] for i in order]
+            result.probabilities = [float(probabilities[i]) for i in order]
+        results.append(result)
+    return results
+
+
+def print_text(results: list[Prediction], out=sys.stdout) -> None:
+    for result in results:
+        if result.error:
+            print(f"{result.path}: error: {result.error}", file=out)
+            continue
+        print(result.path, file=out)
+        width = max(len(n) for n in result.labels)
+        for name, probability in zip(result.labels, result.probabilities):
+            print(f"  {name:<{width}}  {probability:.4f}", file=out)
+
+
+def show(result: Prediction) -> Path | None:
+    """Draw the image and its top predictions; with no display, save a PNG beside the image."""
+    import matplotlib
+
+    headless = not os.environ.get("DISPLAY") and sys.platform.startswith("linux")
+    if headless:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    with Image.open(result.path) as image:
+        left.imshow(image.convert("RGB"))
+    left.set_title(f"{result.labels[0]} ({result.probabilities[0]:.1%})")
+    left.axis("off")
+    shown = min(5, len(result.labels))
+    right.barh(range(shown)[::-1], result.probabilities[:shown])
+    right.set_yticks(range(shown)[::-1], result.labels[:shown])
+    right.set_xlim(0, 1)
+    right.set_xlabel("probability")
+    figure.tight_layout()
+    if headless:
+        target = Path(f"{result.path}.prediction.png")
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        return target
+    plt.show()
+    return None
+
+
+def run(args) -> int:
+    """The predict command; returns the exit status (1 when any file failed)."""
+    from retrain.export import load_model
+
+    if args.top_k is not None and args.top_k < 1:
+        raise RetrainError(f"--top_k must be at least 1 (got {args.top_k})")
+    files = image_files(args.inputs)
+    if not files:
+        raise RetrainError(f"no files found in {' '.join(args.inputs)}")
+    model = load_model(Path(args.model))
+    labels = [label.decode() for label in model.signatures["labels"]()["labels"].numpy()]
+    names = load_category_names(args.category_names, labels)
+    results = predict_files(model, files, names, args.top_k)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2, ensure_ascii=False))
+    else:
+        print_text(results)
+    if args.show:
+        for result in results:
+            if not result.error and (saved := show(result)):
+                print(f"saved {saved}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,299 @@
+"""Decide which images are usable and which split each one belongs to.
+
+A dataset is a folder of class folders (`<root>/<class>/.../<image>`). `scan_dataset` reads every
+file once: its sha256, a header sniff with PIL (format and size, no pixels, so a decompression bomb
+is rejected without allocating it), then a full decode with `retrain.images.decode_image`, the
+decoder training and serving use, so split can never accept an image the model cannot read.
+Files that fail get a human-readable reason in rejected.csv. `assign_split` is retrain.py's rule:
+a hash of the file name picks train/validation/test, so adding images never moves existing ones.
+`split_dataset` runs the whole stage: scan, check the class structure, write the two CSV files.
+"""
+
+import csv
+import functools
+import hashlib
+import io
+import os
+import re
+import struct
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+from PIL import Image
+from tqdm import tqdm
+
+from retrain.errors import RetrainError
+from retrain.images import decode_image
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (~89 MP)
+# retrain.py's constant: the hash is taken modulo this + 1 and scaled to [0, 100].
+_MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
+# What tf.io.decode_image reads (MPO is a multi-picture JPEG from cameras; it decodes as JPEG).
+_DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"}
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """A usable image: where it is, its class (first-level folder name) and content hash."""
+
+    path: Path
+    label: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file or folder left out, with a reason a person understands."""
+
+    path: Path
+    reason: str
+
+
+def assign_split(filename: str, validation_percentage: float, testing_percentage: float) -> str:
+    """"train", "validation" or "test" for a file, by TensorFlow's retrain.py rule (`which_set`).
+
+    Only the base name counts, and anything after "_nohash_" in it is ignored, so variants of one
+    photo ("cat_nohash_1.jpg", "cat_nohash_2.jpg") always share a split.
+    """
+    hash_name = re.sub(r"_nohash_.*$", "", os.path.basename(filename))
+    hashed = int(hashlib.sha1(hash_name.encode("utf-8")).hexdigest(), 16)
+    percentage = (hashed % (_MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / _MAX_NUM_IMAGES_PER_CLASS)
+    if percentage < validation_percentage:
+        return "validation"
+    if percentage < validation_percentage + testing_percentage:
+        return "test"
+    return "train"
+
+
+def class_names(root: Path) -> list[str]:
+    """Sorted names of the class folders in `root` (hidden folders ignored); at least two."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RetrainError(f"{root} is not a folder; run the download stage first (dvc repro download)")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    if not names:
+        raise RetrainError(f"no class folders in {root}: put the images in one folder per class, e.g. {root}/daisy/1.jpg")
+    if len(names) == 1:
+        raise RetrainError(f"only one class folder in {root} ({names[0]}): a classifier needs at least two classes")
+    return names
+
+
+def scan_dataset(
+    root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, workers: int | None = None
+) -> tuple[list[ImageRow], list[Rejection]]:
+    """Check every file under each class folder of `root`; return (usable images, rejections).
+
+    Rows come in walk order (classes sorted, then sorted paths). Symlinks are followed; a link back
+    to a folder already scanned is a loop and is rejected. `workers` threads read and decode
+    (TensorFlow releases the GIL while decoding); default: twice the CPU count.
+    """
+    root = Path(root)
+    candidates, rejected = [], []
+    for label in class_names(root):
+        _walk_class(root / label, label, candidates, rejected)
+    workers = workers or 2 * (os.cpu_count() or 1)
+    check = functools.partial(_check_file, max_image_pixels=max_image_pixels)
+    rows = []
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(check, *zip(*candidates)) if candidates else []
+        for result in tqdm(results, total=len(candidates), desc="checking images", unit="img", leave=False):
+            (rows if isinstance(result, ImageRow) else rejected).append(result)
+    return rows, rejected
+
+
+def write_split(
+    rows: list[ImageRow],
+    rejected: list[Rejection],
+    split_csv: Path,
+    rejected_csv: Path,
+    *,
+    classes: list[str],
+    base_dir: Path,
+    validation_percentage: float,
+    testing_percentage: float,
+    min_images_per_class: int,
+) -> dict[str, int]:
+    """Write rejected.csv (path,reason), check every class, then write split.csv.
+
+    split.csv has columns path,label,split,sha256, sorted by path; paths are relative to base_dir
+    with "/" separators. rejected.csv is written first so that it explains a class that comes up
+    short: a class with fewer than min_images_per_class usable images raises RetrainError and
+    split.csv is not written. Returns the number of images per split and of rejections.
+    """
+    relative = functools.partial(_relative_posix, base_dir=Path(base_dir))
+    _write_csv(rejected_csv, ["path", "reason"], sorted((relative(r.path), r.reason) for r in rejected))
+    counts = Counter(row.label for row in rows)
+    for label in classes:
+        if counts[label] < min_images_per_class:
+            raise RetrainError(
+                f"class {label!r} has {counts[label]} usable image{'s' * (counts[label] != 1)}, fewer than "
+                f"data.min_images_per_class={min_images_per_class}; add images or remove the folder (why: {rejected_csv})"
+            )
+    table = sorted(
+        (relative(row.path), row.label, assign_split(row.path.name, validation_percentage, testing_percentage), row.sha256)
+        for row in rows
+    )
+    _write_csv(split_csv, ["path", "label", "split", "sha256"], table)
+    totals = Counter(split for _, _, split, _ in table)
+    return {**{split: totals[split] for split in SPLITS}, "rejected": len(rejected)}
+
+
+def split_dataset(
+    root: Path,
+    split_csv: Path,
+    rejected_csv: Path,
+    *,
+    base_dir: Path,
+    validation_percentage: float,
+    testing_percentage: float,
+    min_images_per_class: int,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> dict[str, int]:
+    """The split stage: scan `root`, write rejected.csv and split.csv; return the counts."""
+    classes = class_names(root)
+    rows, rejected = scan_dataset(root, max_image_pixels=max_image_pixels)
+    return write_split(
+        rows,
+        rejected,
+        split_csv,
+        rejected_csv,
+        classes=classes,
+        base_dir=base_dir,
+        validation_percentage=validation_percentage,
+        testing_percentage=testing_percentage,
+        min_images_per_class=min_images_per_class,
+    )
+
+
+# --- walking -----------------------------------------------------------------------------------
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _walk_class(folder: Path, label: str, candidates: list, rejected: list) -> None:
+    """Append (path, label) for each candidate file; hidden files, loops and errors to `rejected`."""
+    seen = set()
+
+    def unreadable(error: OSError) -> None:
+        rejected.append(Rejection(Path(error.filename), f"cannot read folder ({error.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:
+            rejected.append(Rejection(Path(dirpath), "symlink loop (links to a folder already scanned), skipped"))
+            dirnames.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        for name in sorted(dirnames):
+            if _is_hidden(name):
+                rejected.append(Rejection(Path(dirpath, name), "hidden folder, skipped"))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                rejected.append(Rejection(Path(dirpath, name), "hidden file, skipped"))
+            else:
+                candidates.append((Path(dirpath, name), label))
+
+
+# --- checking one file -------------------------------------------------------------------------
+
+
+def _check_file(path: Path, label: str, max_image_pixels: int) -> ImageRow | Rejection:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return Rejection(path, "broken symlink" if path.is_symlink() else f"cannot read file ({e.strerror})")
+    reason = _rejection_reason(data, max_image_pixels)
+    if reason:
+        return Rejection(path, reason)
+    return ImageRow(path, label, hashlib.sha256(data).hexdigest())
+
+
+def _rejection_reason(data: bytes, max_image_pixels: int) -> str | None:
+    """Why these bytes are no usable image, or None when they decode like training will."""
+    if not data:
+        return "empty file"
+    header = _sniff(data)
+    if header is None:
+        return "not an image (text file)" if _looks_like_text(data) else "not an image (unknown format)"
+    fmt, (width, height) = header
+    if fmt not in _DECODABLE_FORMATS:
+        return f"{fmt} image: format not supported (use JPEG, PNG, GIF, BMP or WebP)"
+    if width * height > max_image_pixels:
+        return (
+            f"image is {width}x{height} = {width * height / 1e6:.0f} MP, "
+            f"over the {max_image_pixels / 1e6:.0f} MP limit (data.max_image_pixels)"
+        )
+    try:
+        _decoded_shape()(tf.constant(data))
+    except tf.errors.OpError:
+        return f"truncated {fmt}" if _looks_truncated(fmt, data) else f"corrupt {fmt} (cannot be decoded)"
+    return None
+
+
+def _sniff(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """(PIL format, (width, height)) from the header alone, or None if no plugin recognises it.
+
+    Image.open would do this but applies PIL's global decompression-bomb limit; this is its
+    format loop without that check, so `max_image_pixels` alone decides and nothing is decoded.
+    """
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a str is PIL's "almost, but no"
+                continue
+            image = factory(io.BytesIO(data), None)
+            return fmt, image.size
+        except (SyntaxError, IndexError, TypeError, ValueError, struct.error, OSError):
+            continue
+    return None
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:4096]
+    return b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+
+
+def _looks_truncated(fmt: str, data: bytes) -> bool:
+    tail = data[-64:]
+    if fmt in ("JPEG", "MPO"):
+        return b"\xff\xd9" not in tail
+    if fmt == "PNG":
+        return b"IEND" not in tail
+    return False
+
+
+@functools.cache
+def _decoded_shape():
+    """decode_image as one compiled function that returns only the shape (no pixels copied out)."""
+    return tf.function(
+        lambda contents: tf.shape(decode_image(contents)), input_signature=[tf.TensorSpec([], tf.string)]
+    )
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _relative_posix(path: Path, base_dir: Path) -> str:
+    return Path(os.path.relpath(path, base_dir)).as_posix()
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    """Write atomically: a killed run leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,110 @@
+"""MLflow tracking: one run per pipeline execution, shared by train, evaluate and export.
+
+The store defaults to `sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`;
+`MLFLOW_TRACKING_URI` selects a server instead. The repo root is `$DVC_ROOT` when DVC sets it, so
+`dvc exp run --temp/--queue`, which run in a temporary copy, log to the workspace's store. Train
+creates the run (named after `$DVC_EXP_NAME` when set) and writes its id to a train output;
+evaluate and export resume it.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import keras
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+from retrain.errors import RetrainError
+
+
+def project_root() -> Path:
+    """The workspace: DVC's parent repo for temporary experiment copies, else the current folder."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _is_default_store() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def use_experiment(name: str) -> str:
+    """Point MLflow at the store and experiment (created if missing, safely under parallel workers)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    for _ in range(3):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = (project_root() / "mlartifacts").as_uri() if _is_default_store() else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            continue  # another queue worker created it between our look and our create
+    raise RetrainError(f"MLflow experiment '{name}' could not be created in {tracking_uri()}")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(experiment: str, params: dict, tags: dict, run_file: Path) -> str:
+    """Create this pipeline execution's run, log params and tags, record its id in run_file."""
+    experiment_id = use_experiment(experiment)
+    run_name = os.environ.get("DVC_EXP_NAME") or None
+    all_tags = {"git_commit": _git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **tags}
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    items = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"run_id": run_id, "run_name": run.info.run_name, "experiment": experiment}) + "\n")
+    return run_id
+
+
+def read_run(run_file: Path) -> dict:
+    try:
+        return json.loads(Path(run_file).read_text())
+    except FileNotFoundError:
+        raise RetrainError(f"{run_file}: not found; run the train stage first") from None
+
+
+@contextlib.contextmanager
+def resumed_run(run_file: Path):
+    """Reopen the pipeline's run; it ends FINISHED, or FAILED (KILLED on Ctrl-C) if the stage fails."""
+    info = read_run(run_file)
+    use_experiment(info["experiment"])
+    try:
+        run = mlflow.start_run(run_id=info["run_id"])
+    except MlflowException as error:
+        raise RetrainError(f"{run_file}: MLflow run {info['run_id']} not found in {tracking_uri()} ({error.message})") from None
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run()
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch train/validation loss and accuracy to the active MLflow run, with `step`."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
+        metrics = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
+        mlflow.log_metrics(metrics, step=epoch)

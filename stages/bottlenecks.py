@@ -1,0 +1,30 @@
+"""bottlenecks: backbone features for every image in split.csv, cached per image content."""
+
+import json
+
+from retrain import paths
+from retrain.backbones import load_backbone
+from retrain.cache import cache_root
+from retrain.errors import exit_on_error
+from retrain.features import FeatureCache, compute_features, dataset_hash, read_split, write_split_arrays
+from retrain.params import load_params
+
+
+def bottlenecks():
+    params = load_params()
+    examples = read_split(paths.SPLIT_CSV)
+    size = params.backbone.image_size
+    backbone = load_backbone(params.backbone.name, image_size=(size, size) if size else None)
+    cache = FeatureCache(cache_root() / "features", backbone.id, backbone.feature_dim)
+    stats = compute_features(examples, backbone, cache, params.bottlenecks.batch_size)
+    counts = write_split_arrays(examples, cache, paths.FEATURES_DIR)
+    meta = {"backbone": backbone.name, "backbone_id": backbone.id, "dataset_hash": dataset_hash(examples)}
+    (paths.FEATURES_DIR / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    stats.update({f"{split}_images": n for split, n in counts.items()})
+    stats["rejected"] = max(0, sum(1 for _ in open(paths.REJECTED_CSV, encoding="utf-8")) - 1) if paths.REJECTED_CSV.exists() else 0
+    paths.BOTTLENECKS_STATS.write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"{stats['computed']} computed, {stats['cache_hits']} from cache, {stats['images_per_second']} images/s")
+
+
+if __name__ == "__main__":
+    exit_on_error(bottlenecks)

@@ -1,0 +1,43 @@
+"""Shared fixtures. Tests run offline, make their own images and never touch ~/.cache."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports retrain: converted backbones and features go to a throwaway cache
+# (CI passes one in, so a session converts EfficientNet-Lite0 once).
+os.environ.setdefault("RETRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="retrain-test-cache-"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def save_tiny_backbone(path: Path, size: int = 32) -> Path:
+    """A real SavedModel in TF Hub's feature-vector convention: [N,size,size,3] in [0,1] → [N,12].
+
+    Its features (per-channel mean, spread and a fixed 3x3 conv's mean response) separate images of
+    different colours and shapes, which is all a pipeline test needs, in milliseconds.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    class Tiny(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.kernel = tf.Variable(rng.normal(size=(3, 3, 3, 6)).astype("float32"), trainable=True)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        def __call__(self, images):
+            mean = tf.reduce_mean(images, axis=[1, 2])
+            spread = tf.math.reduce_std(images, axis=[1, 2])
+            edges = tf.reduce_mean(tf.abs(tf.nn.conv2d(images, self.kernel, 1, "SAME")), axis=[1, 2])
+            return tf.concat([mean, spread, edges], axis=1)
+
+    tf.saved_model.save(Tiny(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny") / "tiny_backbone")

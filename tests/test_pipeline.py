@@ -1,0 +1,142 @@
+"""`dvc repro` end to end, for real: a generated flower-like archive served over loopback HTTP.
+
+A temporary git + DVC repo holds a copy of the project's pipeline (dvc.yaml, params.yaml, stages/,
+retrain/). The backbone is a tiny real SavedModel (fast); everything else — download with checksum,
+split, cached bottlenecks, training, evaluation, export, MLflow, `retrain predict` — is the real
+thing. The tests run in file order and share one project.
+"""
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagegen import image_bytes, make_class_folders, make_tgz
+from retrain.download import file_sha256
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLASSES = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    served = tmp_path_factory.mktemp("served")
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def run(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def set_params(root: Path, **changes) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def publish(images: Path, served: Path) -> str:
+    """Pack the image folder as flowers.tgz where the server serves it; return its sha256."""
+    return file_sha256(make_tgz(images, served / "flowers.tgz", arcname="flowers"))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, server, tiny_backbone):
+    served, url = server
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("stages", "retrain"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    images = tmp_path_factory.mktemp("images") / "flowers"
+    make_class_folders(images, CLASSES, per_class=16, size=(64, 64))
+    sha = publish(images, served)
+    set_params(root, **{
+        "data.url": f"{url}/flowers.tgz", "data.sha256": sha, "data.testing_percentage": 25,
+        "data.validation_percentage": 20, "backbone.name": str(tiny_backbone),
+        "train.learning_rate": 0.05, "train.epochs": 40, "train.early_stopping_patience": 10,
+        "evaluate.top_k": [1, 2], "export.top_k": 2,
+    })
+    run(root, "git", "init", "-q")
+    run(root, "dvc", "init", "-q")
+    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+    first = run(root, "dvc", "repro")
+    return {"root": root, "images": images, "served": served, "first": first}
+
+
+def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
+    root = project["root"]
+    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "train", "evaluate", "export"]
+    assert (root / "data/raw/flowers/red").is_dir()
+    stats = json.loads((root / "data/bottlenecks.json").read_text())
+    assert stats["computed"] == 48 and stats["cache_hits"] == 0
+    metrics = json.loads((root / "data/evaluate/metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.9
+    assert (root / "model/labels.txt").read_text().split() == ["blue", "green", "red"]
+    assert (root / "model/saved_model/saved_model.pb").is_file() and (root / "model/model.tflite").is_file()
+    assert (root / "reports/confusion_matrix.png").is_file()
+
+
+def test_predict_names_the_right_class(project, tmp_path):
+    root = project["root"]
+    (tmp_path / "new_green.png").write_bytes(image_bytes("PNG", CLASSES["green"], (80, 60), seed=999))
+    result = run(root, "retrain", "predict", str(tmp_path / "new_green.png"), "--top_k", "1", "--json")
+    answer = json.loads(result.stdout)
+    assert answer[0]["predictions"][0]["label"] == "green"
+    text = run(root, sys.executable, "-m", "retrain", "predict", str(tmp_path), "--top_k", "2").stdout
+    assert text.splitlines()[1].split()[0] == "green" and len(text.splitlines()) == 3
+
+
+def test_second_repro_changes_nothing(project):
+    result = run(project["root"], "dvc", "repro")
+    assert ran_stages(result) == []
+
+
+def test_new_images_compute_only_their_features(project):
+    root, images = project["root"], project["images"]
+    for i in range(3):
+        (images / "blue" / f"blue_new_{i}.jpg").write_bytes(image_bytes("JPEG", CLASSES["blue"], seed=5000 + i))
+    set_params(root, **{"data.sha256": publish(images, project["served"])})
+    result = run(root, "dvc", "repro")
+    assert ran_stages(result)[:3] == ["download", "split", "bottlenecks"]
+    stats = json.loads((root / "data/bottlenecks.json").read_text())
+    assert stats["computed"] == 3 and stats["cache_hits"] == 48
+
+
+def test_learning_rate_change_reruns_only_the_head(project):
+    root = project["root"]
+    set_params(root, **{"train.learning_rate": 0.02})
+    result = run(root, "dvc", "repro")
+    assert ran_stages(result) == ["train", "evaluate", "export"]
