@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from retrain.errors import RetrainError
@@ -156,7 +157,7 @@ def _download_once(url: str, part: Path, timeout_s: float) -> None:
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
             _stream_to(response, part, offset, total)
-    except requests.RequestException as e:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
         raise _TransientError(_short_reason(e)) from None
 
 
@@ -175,7 +176,8 @@ def _stream_to(response, part: Path, offset: int, total: int | None) -> None:
     with open(part, "ab" if offset else "wb") as f, tqdm(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[13:-5], leave=False
     ) as bar:
-        for chunk in response.iter_content(_CHUNK_BYTES):
+        # Raw bytes: a server that labels a .tgz "Content-Encoding: gzip" must not get it unpacked.
+        for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=False):
             f.write(chunk)
             written += len(chunk)
             bar.update(len(chunk))

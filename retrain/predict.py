@@ -103,7 +103,8 @@ def predict_files(model, files: list[Path], names: list[str], top_k: int | None)
     return results
 
 
-def print_text(results: list[Prediction], out=sys.stdout) -> None:
+def print_text(results: list[Prediction], out=None) -> None:
+    out = out or sys.stdout
     for result in results:
         if result.error:
             print(f"{result.path}: error: {result.error}", file=out)

@@ -178,18 +178,19 @@ def _is_hidden(name: str) -> bool:
 
 def _walk_class(folder: Path, label: str, candidates: list, rejected: list) -> None:
     """Append (path, label) for each candidate file; hidden files, loops and errors to `rejected`."""
-    seen = set()
+    # The class folder's ancestors count as scanned: a link up to one of them is a loop too.
+    seen = {_folder_id(p) for p in [folder, *folder.resolve().parents]}
+    seen.discard(_folder_id(folder))
 
     def unreadable(error: OSError) -> None:
         rejected.append(Rejection(Path(error.filename), f"cannot read folder ({error.strerror})"))
 
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        info = os.stat(dirpath)
-        if (info.st_dev, info.st_ino) in seen:
+        if _folder_id(dirpath) in seen:
             rejected.append(Rejection(Path(dirpath), "symlink loop (links to a folder already scanned), skipped"))
             dirnames.clear()
             continue
-        seen.add((info.st_dev, info.st_ino))
+        seen.add(_folder_id(dirpath))
         for name in sorted(dirnames):
             if _is_hidden(name):
                 rejected.append(Rejection(Path(dirpath, name), "hidden folder, skipped"))
@@ -199,6 +200,11 @@ def _walk_class(folder: Path, label: str, candidates: list, rejected: list) -> N
                 rejected.append(Rejection(Path(dirpath, name), "hidden file, skipped"))
             else:
                 candidates.append((Path(dirpath, name), label))
+
+
+def _folder_id(path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 # --- checking one file -------------------------------------------------------------------------
