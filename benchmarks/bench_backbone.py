@@ -1,11 +1,12 @@
 """How fast is the embedded backbone? Features per second by batch size, and first-use cost.
 
 Measures efficientnet_lite0 on in-memory 224x224 batches (batch 1, 32, 64, 128), `features`
-called through a tf.function as the bottlenecks and export stages call it, with and without XLA
-(`jit_compile=True`), after a warm-up; and the one-time conversion from PyTorch weights into a
-fresh cache folder. Prints a table and writes benchmarks/results/backbone.json.
+called through a tf.function as the bottlenecks and export stages call it, after a warm-up; and
+the one-time conversion from PyTorch weights into a fresh cache folder. Prints a table and writes
+benchmarks/results/backbone.json. `--xla` adds `jit_compile=True` runs: on a 2-core CPU they were
+~10x slower (XLA's CPU depthwise convolutions), which is why the model does not use XLA.
 
-    .venv/bin/python benchmarks/bench_backbone.py [--seconds 3]
+    .venv/bin/python benchmarks/bench_backbone.py [--seconds 3] [--xla]
 """
 
 import argparse
@@ -53,17 +54,20 @@ def images_per_second(fn, batch, seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
     args = parser.parse_args()
 
     converted, cached, backbone = first_use()
     rows = []
-    for jit in (False, True):
+    for jit in (False, True) if args.xla else (False,):
         fn = tf.function(lambda x: backbone.features(x), jit_compile=jit)
         for batch in BATCH_SIZES:
             rate = images_per_second(fn, batch, args.seconds)
             rows.append({"batch": batch, "xla": jit, "images_per_s": round(rate, 1)})
 
-    print(f"efficientnet_lite0 on {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
+    load = os.getloadavg()[0]
+    print(f"efficientnet_lite0 on {os.cpu_count()} CPU cores (load {load:.1f}), "
+          f"TensorFlow {tf.__version__}")
     print(f"first use (convert + load): {converted:.2f} s   cached load: {cached:.2f} s")
     print(f"{'batch':>5}  {'xla':>5}  {'images/s':>9}")
     for r in rows:
@@ -76,6 +80,7 @@ def main():
             "image_size": list(backbone.image_size),
             "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(),
+            "load_average_1min": round(load, 2),
             "machine": platform.machine(),
             "first_use_convert_s": round(converted, 3),
             "cached_load_s": round(cached, 3),

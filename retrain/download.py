@@ -82,6 +82,16 @@ def fetch_dataset(
     return _extract(path, raw_dir, _archive_stem(path.name))
 
 
+def dataset_root(raw_dir: Path) -> Path:
+    """The one dataset folder `fetch_dataset` left in raw_dir (what the split stage reads)."""
+    raw_dir = Path(raw_dir)
+    found = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if raw_dir.is_dir() else []
+    if len(found) != 1:
+        what = "nothing" if not found else ", ".join(p.name for p in found)
+        raise RetrainError(f"{raw_dir} should hold one dataset folder but holds {what}; run: dvc repro download")
+    return found[0]
+
+
 def _archive_stem(name: str) -> str:
     base = posixpath.basename(name.rstrip("/")) or "dataset"
     for suffix in ARCHIVE_SUFFIXES:
@@ -91,6 +101,7 @@ def _archive_stem(name: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK_BYTES):
@@ -152,11 +163,14 @@ def _download_once(url: str, part: Path, timeout_s: float) -> None:
                 raise _TransientError(f"HTTP {response.status_code} {response.reason}")
             if response.status_code not in (200, 206):
                 raise RetrainError(f"cannot download {url}: HTTP {response.status_code} {response.reason}; {OFFLINE_HINT}")
-            if response.status_code == 200 or not _resumes_at(response, offset):
+            if response.status_code == 206 and not _resumes_at(response, offset):
+                part.unlink()
+                raise _TransientError("server resumed at the wrong offset; restarting")
+            if response.status_code == 200:
                 offset = 0  # the server ignored Range: start over
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
-            _stream_to(response, part, offset, total)
+            _stream_to(response, part, offset, total, label=posixpath.basename(urlparse(url).path))
     except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
         raise _TransientError(_short_reason(e)) from None
 
@@ -171,10 +185,10 @@ def _content_range_total(response) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _stream_to(response, part: Path, offset: int, total: int | None) -> None:
+def _stream_to(response, part: Path, offset: int, total: int | None, label: str) -> None:
     written = offset
     with open(part, "ab" if offset else "wb") as f, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[13:-5], leave=False
+        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False
     ) as bar:
         # Raw bytes: a server that labels a .tgz "Content-Encoding: gzip" must not get it unpacked.
         for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=False):
@@ -241,9 +255,13 @@ def _tar_filter(archive: Path):
             reason = "device file or fifo"
         if reason is None:
             try:
-                return tarfile.data_filter(member, dest)  # second line of defence, from the stdlib
+                safe = tarfile.data_filter(member, dest)  # second line of defence, from the stdlib
             except tarfile.FilterError as e:
                 reason = str(e)
+            else:  # whatever modes the archive carries, its owner can read and later delete it
+                if safe.mode is None:  # links: no mode of their own
+                    return safe
+                return safe.replace(mode=safe.mode | (0o700 if safe.isdir() else 0o600), deep=False)
         raise RetrainError(f"unsafe entry {member.name!r} in {archive} ({reason}); nothing was extracted")
 
     return check
@@ -253,8 +271,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
     check = _tar_filter(archive)
     try:
         with tarfile.open(archive) as tar:
-            for member in tar:  # one pass: a gzip stream is not re-read
-                tar.extract(member, dest, filter=check)
+            tar.extractall(dest, filter=check)  # one pass over the stream, checking each entry
     except (tarfile.TarError, EOFError, OSError) as e:
         raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged, delete it and retry") from None
 

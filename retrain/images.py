@@ -13,10 +13,11 @@ import tensorflow as tf
 # 2: JPEGs are turned upright by their EXIF Orientation tag, as photo viewers show them.
 PREPROCESSING_VERSION = "2"
 
-# An APP1 Exif segment is at most 64 KiB and sits right after SOI (or a JFIF APP0), so the tag is
-# always within this many leading bytes.
-_EXIF_SEARCH_BYTES = 65536
-_MAX_IFD_ENTRIES = 128
+# Exif's APP1 segment comes right after SOI, or after a JFIF APP0: its marker sits within the first
+# few hundred bytes. The segment itself is at most 64 KiB, so IFD0 lies within that many bytes.
+_EXIF_MARKER_WINDOW = 4096
+_EXIF_SEGMENT_BYTES = 65536 + _EXIF_MARKER_WINDOW
+_MAX_IFD_ENTRIES = 64  # IFD0 is sorted by tag and Orientation (0x0112) comes early
 
 
 def decode_image(contents):
@@ -44,24 +45,26 @@ def exif_orientation(contents):
 
     Reads IFD0 of the first APP1 "Exif" segment with tensor ops (no Python), little or big endian.
     """
-    head = tf.io.decode_raw(tf.strings.substr(contents, 0, _EXIF_SEARCH_BYTES), tf.uint8)
+    head = tf.io.decode_raw(tf.strings.substr(contents, 0, _EXIF_SEGMENT_BYTES), tf.uint8)
     size = tf.shape(head)[0]
-    padded = tf.concat([head, tf.zeros([16], tf.uint8)], 0)
+    head = tf.concat([head, tf.zeros([16], tf.uint8)], 0)  # reads past the end see zeros
+    window = tf.minimum(size, _EXIF_MARKER_WINDOW)
     # An APP1 marker (FF E1), a 2-byte length, then "Exif\0\0".
-    pattern = [0xFF, 0xE1, None, None, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00]
-    found = tf.ones([size], tf.bool)
-    for k, byte in enumerate(pattern):
+    found = tf.ones([window], tf.bool)
+    for k, byte in enumerate([0xFF, 0xE1, None, None, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00]):
         if byte is not None:
-            found &= padded[k : k + size] == byte
+            found &= head[k : k + window] == byte
     has_exif = tf.reduce_any(found)
-    first = tf.argmax(tf.cast(tf.concat([found, [False]], 0), tf.int32))  # never empty
-    tiff = tf.cast(first, tf.int32) + 10  # TIFF header start
-    head = tf.cast(padded, tf.int32)
-    little = tf.gather(head, tiff) == 0x49  # "II" (Intel); else "MM" (Motorola)
+    marker = tf.argmax(tf.cast(tf.concat([found, [False]], 0), tf.int32), output_type=tf.int32)
+    tiff = marker + 10  # TIFF header: byte order, 42, offset of IFD0
+
+    def byte_at(offset):
+        return tf.cast(tf.gather(head, tf.clip_by_value(offset, 0, size + 15)), tf.int32)
+
+    little = byte_at(tiff) == 0x49  # "II" (Intel); else "MM" (Motorola)
 
     def u16(offset):
-        offset = tf.clip_by_value(offset, 0, size + 8)
-        first, second = tf.gather(head, offset), tf.gather(head, offset + 1)
+        first, second = byte_at(offset), byte_at(offset + 1)
         return tf.where(little, first + 256 * second, 256 * first + second)
 
     def u32_small(offset):  # offsets inside a 64 KiB segment: the high half is zero
@@ -71,9 +74,8 @@ def exif_orientation(contents):
     entries = ifd0 + 2 + 12 * tf.range(_MAX_IFD_ENTRIES)
     is_orientation = (u16(entries) == 0x0112) & (tf.range(_MAX_IFD_ENTRIES) < u16(ifd0))
     value = tf.reduce_max(tf.where(is_orientation, u16(entries + 8), 0))
-    is_jpeg = (size > 2) & (tf.gather(head, 0) == 0xFF) & (tf.gather(head, 1) == 0xD8)
-    valid = is_jpeg & has_exif & (value >= 1) & (value <= 8)
-    return tf.where(valid, value, 1)
+    is_jpeg = (size > 2) & (byte_at(0) == 0xFF) & (byte_at(1) == 0xD8)
+    return tf.where(is_jpeg & has_exif & (value >= 1) & (value <= 8), value, 1)
 
 
 def _apply_orientation(image, orientation):

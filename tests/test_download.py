@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import io
 import os
+import shutil
 import socket
 import tarfile
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imagegen import make_class_folders, make_tgz, make_zip
-from retrain.download import fetch_dataset
+from retrain.download import dataset_root, fetch_dataset
 from retrain.errors import RetrainError
 
 FAST = {"retries": 3, "backoff_s": 0.01, "timeout_s": 5}
@@ -45,6 +46,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
+        if server.gzip_label:  # a common misconfiguration for .tgz files
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
         if server.drops_left > 0:  # send half, then hang up mid-transfer
             server.drops_left -= 1
@@ -61,7 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.range_headers = {}, []
-    httpd.bytes_served, httpd.drops_left, httpd.ignore_range = 0, 0, False
+    httpd.bytes_served, httpd.drops_left, httpd.ignore_range, httpd.gzip_label = 0, 0, False, False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -99,7 +102,7 @@ def test_download_verifies_and_extracts_then_reuses_the_cached_archive(server, a
     data, sha = archive
     server.files["/flowers.tgz"] = data
     root = fetch_dataset(server.url + "/flowers.tgz", sha, tmp_path / "raw", tmp_path / "cache", **FAST)
-    assert root == tmp_path / "raw" / "flowers"
+    assert root == tmp_path / "raw" / "flowers" == dataset_root(tmp_path / "raw")
     _assert_dataset(root)
     assert _raw_leftovers(tmp_path / "raw") == ["flowers"]  # no temp folder left behind
     cached = list((tmp_path / "cache" / "downloads").iterdir())
@@ -142,6 +145,12 @@ def test_a_dropped_connection_is_retried(server, archive, tmp_path):
     server.drops_left = 2
     _assert_dataset(fetch_dataset(server.url + "/flowers.tgz", sha, tmp_path / "raw", tmp_path / "cache", **FAST))
     assert len(server.range_headers) == 3
+
+
+def test_an_archive_served_as_gzip_content_encoding_is_stored_as_is(server, archive, tmp_path):
+    data, sha = archive
+    server.files["/flowers.tgz"], server.gzip_label = data, True
+    _assert_dataset(fetch_dataset(server.url + "/flowers.tgz", sha, tmp_path / "raw", tmp_path / "cache", **FAST))
 
 
 def test_checksum_mismatch_extracts_nothing_and_removes_the_download(server, archive, tmp_path):
@@ -201,6 +210,19 @@ def test_zip_source_and_archives_without_a_single_top_folder(tmp_path):
         for child in src.iterdir():
             tar.add(child, arcname=child.name)
     _assert_dataset(fetch_dataset(str(flat), None, tmp_path / "raw2", tmp_path / "c"))
+
+
+def test_read_only_folders_in_an_archive_stay_removable(tmp_path):
+    src = tmp_path / "src" / "flowers"
+    make_class_folders(src, per_class=4)
+    (src / "LICENSE.txt").write_text("CC-BY\n")
+    tgz = tmp_path / "ro.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(src, arcname="flowers", filter=lambda info: info.replace(mode=0o555 if info.isdir() else 0o444, deep=False))
+    root = fetch_dataset(str(tgz), None, tmp_path / "raw", tmp_path / "cache")
+    _assert_dataset(root)
+    assert all(p.stat().st_mode & 0o700 == 0o700 for p in [root, *root.rglob("*")] if p.is_dir())
+    shutil.rmtree(root)  # what the download stage does before fetching again
 
 
 def test_a_folder_with_a_symlink_loop_is_copied_once(tmp_path):

