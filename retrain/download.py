@@ -69,13 +69,17 @@ def fetch_dataset(
     if scheme == "file":
         path = Path(url2pathname(unquote(urlparse(source).path)))
     elif len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise RetrainError(f"data.url {source!r}: unsupported scheme {scheme!r}; use http(s)://, file:// or a local path")
+        raise RetrainError(
+            f"data.url {source!r}: unsupported scheme {scheme!r}; use http(s)://, file:// or a local path"
+        )
     else:
         path = Path(source).expanduser()
     if path.is_dir():
         return _copy_folder(path, raw_dir)
     if not path.is_file():
-        raise RetrainError(f"data.url {source!r}: {path} does not exist; set data.url to an archive URL, archive or folder")
+        raise RetrainError(
+            f"data.url {source!r}: {path} does not exist; set data.url to an archive URL, archive or folder"
+        )
     if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise RetrainError(f"data.url {path}: not a .tgz/.tar.gz/.tar/.zip archive or a folder of class folders")
     _verify_sha256(path, sha256, remove_on_mismatch=False)
@@ -85,7 +89,8 @@ def fetch_dataset(
 def dataset_root(raw_dir: Path) -> Path:
     """The one dataset folder `fetch_dataset` left in raw_dir (what the split stage reads)."""
     raw_dir = Path(raw_dir)
-    found = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if raw_dir.is_dir() else []
+    children = raw_dir.iterdir() if raw_dir.is_dir() else []
+    found = sorted(p for p in children if p.is_dir() and not p.name.startswith("."))
     if len(found) != 1:
         what = "nothing" if not found else ", ".join(p.name for p in found)
         raise RetrainError(f"{raw_dir} should hold one dataset folder but holds {what}; run: dvc repro download")
@@ -162,7 +167,8 @@ def _download_once(url: str, part: Path, timeout_s: float) -> None:
             if response.status_code in _TRANSIENT_STATUS:
                 raise _TransientError(f"HTTP {response.status_code} {response.reason}")
             if response.status_code not in (200, 206):
-                raise RetrainError(f"cannot download {url}: HTTP {response.status_code} {response.reason}; {OFFLINE_HINT}")
+                status = f"HTTP {response.status_code} {response.reason}"
+                raise RetrainError(f"cannot download {url}: {status}; {OFFLINE_HINT}")
             if response.status_code == 206 and not _resumes_at(response, offset):
                 part.unlink()
                 raise _TransientError("server resumed at the wrong offset; restarting")

@@ -75,7 +75,9 @@ def class_names(root: Path) -> list[str]:
         raise RetrainError(f"{root} is not a folder; run the download stage first (dvc repro download)")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     if not names:
-        raise RetrainError(f"no class folders in {root}: put the images in one folder per class, e.g. {root}/daisy/1.jpg")
+        raise RetrainError(
+            f"no class folders in {root}: put the images in one folder per class, e.g. {root}/daisy/1.jpg"
+        )
     if len(names) == 1:
         raise RetrainError(f"only one class folder in {root} ({names[0]}): a classifier needs at least two classes")
     return names
@@ -132,10 +134,10 @@ def write_split(
                 f"class {label!r} has {counts[label]} usable image{'s' * (counts[label] != 1)}, fewer than "
                 f"data.min_images_per_class={min_images_per_class}; add images or remove the folder (why: {rejected_csv})"
             )
-    table = sorted(
-        (relative(row.path), row.label, assign_split(row.path.name, validation_percentage, testing_percentage), row.sha256)
-        for row in rows
+    split_of = functools.partial(
+        assign_split, validation_percentage=validation_percentage, testing_percentage=testing_percentage
     )
+    table = sorted((relative(row.path), row.label, split_of(row.path.name), row.sha256) for row in rows)
     _write_csv(split_csv, ["path", "label", "split", "sha256"], table)
     totals = Counter(split for _, _, split, _ in table)
     return {**{split: totals[split] for split in SPLITS}, "rejected": len(rejected)}

@@ -108,3 +108,23 @@ class EpochLogger(keras.callbacks.Callback):
         names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
         metrics = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
         mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_misclassified_images(log_dir: Path, misclassified: list, limit: int = 8, size: int = 160) -> int:
+    """A few of the worst misclassified test images into TensorBoard, captioned true → predicted."""
+    import tensorflow as tf
+
+    from retrain.images import decode_image
+
+    shown = 0
+    with tf.summary.create_file_writer(str(Path(log_dir) / "test")).as_default():
+        for step, miss in enumerate(misclassified[:limit]):
+            try:
+                image = decode_image(tf.io.read_file(miss.path))
+            except (tf.errors.OpError, ValueError):
+                continue
+            image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (size, size), preserve_aspect_ratio=True)
+            name = f"misclassified/{miss.true_label} as {miss.predicted_label} ({miss.confidence:.2f})"
+            tf.summary.image(name, image[tf.newaxis], step=step)
+            shown += 1
+    return shown

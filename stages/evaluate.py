@@ -12,7 +12,7 @@ from retrain.evaluation import evaluate_predictions, flatten_metrics
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import load_head
 from retrain.params import load_params
-from retrain.reports import write_reports
+from retrain.reports import top_misclassified, write_reports
 
 
 def evaluate():
@@ -26,10 +26,15 @@ def evaluate():
     np.savez(paths.PREDICTIONS, probabilities=probabilities, labels=y_test, paths=np.array(test_paths, dtype=str))
     history = _read_history()
     reports = write_reports(paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, history, params.evaluate.top_k)
+    run_name = tracking.read_run(paths.RUN_FILE)["run_name"]
+    worst = top_misclassified(y_test, probabilities, labels, test_paths, limit=8)
+    tracking.log_misclassified_images(paths.LOGS_DIR / run_name, worst)
     with tracking.resumed_run(paths.RUN_FILE):
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in flatten_metrics(metrics, sep="_").items()})
         mlflow.log_artifacts(str(paths.REPORTS_DIR), artifact_path="reports")
         mlflow.log_artifact(str(paths.METRICS))
+        if (paths.LOGS_DIR / run_name).is_dir():
+            mlflow.log_artifacts(str(paths.LOGS_DIR / run_name), artifact_path="tensorboard")
     print(f"test accuracy {metrics['accuracy']:.4f} on {len(y_test)} images; reports in {paths.REPORTS_DIR}/")
     return reports
 

@@ -269,7 +269,9 @@ def _evil_tars(tmp_path: Path) -> dict[str, Path]:
         ),
         "symlink-absolute": _tar_with(tmp_path / "symabs.tgz", _link("flowers/red/l", outside, tarfile.SYMTYPE)),
         "hardlink": _tar_with(tmp_path / "hard.tgz", _link("flowers/red/h", outside, tarfile.LNKTYPE)),
-        "hardlink-dotdot": _tar_with(tmp_path / "hard2.tgz", _link("flowers/red/h", "../outside.txt", tarfile.LNKTYPE)),
+        "hardlink-dotdot": _tar_with(
+            tmp_path / "hard2.tgz", _link("flowers/red/h", "../outside.txt", tarfile.LNKTYPE)
+        ),
         "fifo": _tar_with(tmp_path / "fifo.tgz", (fifo, None)),
         "device": _tar_with(tmp_path / "dev.tgz", (device, None)),
     }

@@ -40,7 +40,7 @@ def test_the_serving_graph_decodes_a_batch_of_mixed_images():
 
 
 def test_formats_without_exif_decode_unchanged():
-    for data in [image_bytes("PNG", size=(40, 20)), image_bytes("WEBP", size=(40, 20)), image_bytes("BMP", size=(40, 20))]:
+    for data in [image_bytes(fmt, size=(40, 20)) for fmt in ("PNG", "WEBP", "BMP")]:
         assert int(exif_orientation(tf.constant(data))) == 1
         assert decode_image(tf.constant(data)).shape == (20, 40, 3)
     gray = decode_image(tf.constant(png_16bit_bytes(value=65535))).numpy()

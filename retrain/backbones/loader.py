@@ -140,7 +140,11 @@ def _feature_function(spec, module):
     Uses `module(images)` (TF2 hub modules, tf.Module exports), else the serving signature.
     """
     if callable(module):
-        return (lambda images: module(images)), _traced_specs(module)
+        @tf.autograph.experimental.do_not_convert  # straight-line TF: nothing to convert
+        def call_module(images):
+            return module(images)
+
+        return call_module, _traced_specs(module)
     signature = getattr(module, "signatures", {}).get("serving_default")
     inputs = signature.structured_input_signature[1] if signature is not None else {}
     if len(inputs) != 1:
@@ -148,6 +152,7 @@ def _feature_function(spec, module):
                            f"signature; expected {CONVENTION}")
     (input_name,) = inputs
 
+    @tf.autograph.experimental.do_not_convert
     def call(images):
         outputs = signature(**{input_name: images})
         if isinstance(outputs, dict) and len(outputs) == 1:
