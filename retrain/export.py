@@ -27,6 +27,7 @@ class Classifier(tf.Module):
         super().__init__(name="retrain_classifier")
         self.backbone = backbone.module  # tracked, so its variables are saved with the model
         self._features = backbone.features
+        self._single_pass_features = backbone.single_pass_features
         self.image_size = tuple(backbone.image_size)
         self.kernels = [tf.Variable(k, trainable=False, name=f"kernel_{i}") for i, (k, _, _) in enumerate(dense_layers)]
         self.biases = [tf.Variable(b, trainable=False, name=f"bias_{i}") for i, (_, b, _) in enumerate(dense_layers)]
@@ -40,9 +41,9 @@ class Classifier(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         self.labels = tf.function(lambda: {"labels": tf.identity(self.label_table)}, input_signature=[])
 
-    def _classify_images(self, images):
+    def _classify_images(self, images, single_pass=False):
         """float32 [N,H,W,3] in [0,1] → {"probabilities": float32 [N,C]}."""
-        x = self._features(images)
+        x = self._single_pass_features(images) if single_pass else self._features(images)
         for kernel, bias, activation in zip(self.kernels, self.biases, self._activations):
             x = _ACTIVATIONS[activation](tf.matmul(x, kernel) + bias)
         return {"probabilities": x}
@@ -102,9 +103,12 @@ def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None
 
 
 def _to_tflite(classifier: Classifier) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [classifier.classify_images.get_concrete_function()], classifier
+    height, width = classifier.image_size
+    single_pass = tf.function(
+        lambda images: classifier._classify_images(images, single_pass=True),
+        input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32, name="images")],
     )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([single_pass.get_concrete_function()], classifier)
     return converter.convert()
 
 

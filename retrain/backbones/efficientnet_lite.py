@@ -25,7 +25,7 @@ from retrain.cache import cache_root
 from retrain.errors import RetrainError
 
 # Bump when the conversion changes the computation (it is part of the cache folder name).
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: adds single_pass, the loop-free graph TFLite needs
 IMAGE_SIZE = (224, 224)
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
@@ -174,6 +174,12 @@ class EfficientNetLite0(tf.train.Checkpoint):
     def __call__(self, images):
         """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] image features."""
         return self._in_micro_batches(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
+                 autograph=False)
+    def single_pass(self, images):
+        """`__call__` without the micro-batch loop: the same numbers, a graph TFLite can convert."""
+        return self._features(images)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
                  autograph=False)

@@ -50,6 +50,11 @@ class Backbone:
         """
         return self._call(images)
 
+    def single_pass_features(self, images):
+        """`features` as one loop-free graph (for TFLite), where the module offers one."""
+        single_pass = getattr(self.module, "single_pass", None)
+        return single_pass(images) if single_pass is not None else self._call(images)
+
     @property
     def trainable_variables(self):
         """The module's trainable variables (TF Hub convention), possibly empty."""
