@@ -33,11 +33,14 @@ def build_head(feature_dim: int, num_classes: int, params: TrainParams) -> keras
     return keras.Model(inputs, outputs, name="head")
 
 
-def _optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
+def _optimizer(params: TrainParams, total_steps: int) -> keras.optimizers.Optimizer:
+    rate = params.learning_rate
+    if params.lr_schedule == "cosine":  # decays to 0 at `epochs`; early stopping may end sooner
+        rate = keras.optimizers.schedules.CosineDecay(params.learning_rate, decay_steps=max(1, total_steps))
     if params.optimizer == "sgd":
-        return keras.optimizers.SGD(params.learning_rate, momentum=0.9)
+        return keras.optimizers.SGD(rate, momentum=0.9)
     kinds = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "rmsprop": keras.optimizers.RMSprop}
-    return kinds[params.optimizer](params.learning_rate)
+    return kinds[params.optimizer](rate)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -60,7 +63,7 @@ def train_head(
     (x_train, y_train), (x_val, y_val) = train, validation
     model = build_head(x_train.shape[1], num_classes, params)
     model.compile(
-        optimizer=_optimizer(params),
+        optimizer=_optimizer(params, params.epochs * -(-len(y_train) // params.batch_size)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
         metrics=["accuracy"],
     )

@@ -47,17 +47,33 @@ class BottlenecksParams(_Section):
     batch_size: int = Field(ge=1, le=1024)
 
 
+class AugmentParams(_Section):
+    copies: int = Field(ge=0, le=50)
+    crop_area_min: float = Field(gt=0, le=1)
+    flip: bool
+    brightness: float = Field(ge=0, le=1)
+
+
 class TrainParams(_Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     optimizer: Literal["adam", "sgd", "rmsprop", "adamw"]
     learning_rate: float = Field(gt=0, le=10)
+    lr_schedule: Literal["constant", "cosine"]
     dropout: float = Field(ge=0, lt=1)
     hidden_units: int = Field(ge=0)
     label_smoothing: float = Field(ge=0, lt=1)
     l2: float = Field(ge=0)
     early_stopping_patience: int = Field(ge=0)
     class_weights: Literal["none", "balanced"]
+
+
+class FinetuneParams(_Section):
+    enabled: bool
+    blocks: int = Field(ge=1, le=1000)
+    epochs: int = Field(ge=1, le=1000)
+    learning_rate: float = Field(gt=0, le=1)
+    batch_size: int = Field(ge=1, le=1024)
 
 
 class EvaluateParams(_Section):
@@ -86,7 +102,9 @@ class Params(_Section):
     data: DataParams
     backbone: BackboneParams
     bottlenecks: BottlenecksParams
+    augment: AugmentParams
     train: TrainParams
+    finetune: FinetuneParams
     evaluate: EvaluateParams
     export: ExportParams
     tracking: TrackingParams

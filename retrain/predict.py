@@ -61,20 +61,17 @@ def load_category_names(path: Path | None, labels: list[str]) -> list[str]:
 
 
 def _read_checked(path: Path) -> bytes:
-    """The file's bytes, refused when too large in bytes or in pixels (without decoding pixels)."""
-    from PIL import Image
+    """The file's bytes, refused when too large in bytes or in pixels (from the header: no pixels decoded)."""
+    from retrain.split import rejection_reason, sniff_image
 
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise RetrainError(f"{size} bytes, over the {MAX_FILE_BYTES} byte limit")
     contents = path.read_bytes()
-    try:
-        import io
-
-        with Image.open(io.BytesIO(contents)) as image:
-            width, height = image.size
-    except Exception:
-        raise RetrainError("not a readable image") from None
+    header = sniff_image(contents)
+    if header is None:  # empty, text or unknown: split's words, found without decoding
+        raise RetrainError(rejection_reason(contents, MAX_IMAGE_PIXELS))
+    _, (width, height) = header
     if width * height > MAX_IMAGE_PIXELS:
         raise RetrainError(f"{width}x{height} pixels, over the {MAX_IMAGE_PIXELS} pixel limit")
     return contents
@@ -83,6 +80,8 @@ def _read_checked(path: Path) -> bytes:
 def predict_files(model, files: list[Path], names: list[str], top_k: int | None) -> list[Prediction]:
     """Classify each file alone, so one bad file cannot spoil the others' answers."""
     import tensorflow as tf
+
+    from retrain.split import rejection_reason
 
     serve = model.signatures["serving_default"]
     results = []
@@ -93,8 +92,10 @@ def predict_files(model, files: list[Path], names: list[str], top_k: int | None)
             probabilities = serve(image_bytes=tf.constant([contents]))["probabilities"].numpy()[0]
         except RetrainError as error:
             result.error = str(error)
-        except (OSError, tf.errors.InvalidArgumentError) as error:
-            result.error = "cannot decode: " + str(getattr(error, "message", error)).splitlines()[0]
+        except OSError as error:
+            result.error = f"cannot read file ({error.strerror or error})"
+        except tf.errors.OpError:  # its message is a graph trace: say what split would say
+            result.error = rejection_reason(contents, MAX_IMAGE_PIXELS) or "cannot be decoded"
         else:
             order = np.argsort(-probabilities, kind="stable")[: top_k or len(probabilities)]
             result.labels = [names[i] for i in order]

@@ -216,18 +216,24 @@ def _check_file(path: Path, label: str, max_image_pixels: int) -> ImageRow | Rej
         data = path.read_bytes()
     except OSError as e:
         return Rejection(path, "broken symlink" if path.is_symlink() else f"cannot read file ({e.strerror})")
-    reason = _rejection_reason(data, max_image_pixels)
+    reason = rejection_reason(data, max_image_pixels)
     if reason:
         return Rejection(path, reason)
     return ImageRow(path, label, hashlib.sha256(data).hexdigest())
 
 
-def _rejection_reason(data: bytes, max_image_pixels: int) -> str | None:
-    """Why these bytes are no usable image, or None when they decode like training will."""
+def rejection_reason(data: bytes, max_image_pixels: int) -> str | None:
+    """Why these bytes are no usable image, or None when they decode like training will.
+
+    Never raises, whatever the bytes (tests/test_fuzz.py); `retrain predict` uses it to explain
+    a file the model could not decode.
+    """
     if not data:
         return "empty file"
-    header = _sniff(data)
+    header = sniff_image(data)
     if header is None:
+        if fmt := _magic_format(data):
+            return f"corrupt {fmt} (damaged header)"
         return "not an image (text file)" if _looks_like_text(data) else "not an image (unknown format)"
     fmt, (width, height) = header
     if fmt not in _DECODABLE_FORMATS:
@@ -244,11 +250,12 @@ def _rejection_reason(data: bytes, max_image_pixels: int) -> str | None:
     return None
 
 
-def _sniff(data: bytes) -> tuple[str, tuple[int, int]] | None:
+def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
     """(PIL format, (width, height)) from the header alone, or None if no plugin recognises it.
 
     Image.open would do this but applies PIL's global decompression-bomb limit; this is its
-    format loop without that check, so `max_image_pixels` alone decides and nothing is decoded.
+    format loop without that check, so the caller's pixel limit alone decides and nothing is
+    decoded. `retrain predict` checks files with it too.
     """
     Image.init()
     prefix = data[:16]
@@ -262,6 +269,19 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int]] | None:
             return fmt, image.size
         except Exception:  # any bytes can arrive here: a plugin that chokes on them just says no
             continue
+    return None
+
+
+def _magic_format(data: bytes) -> str | None:
+    """The format a file's first bytes claim, for files PIL cannot parse (BMP's "BM" is too weak)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
     return None
 
 

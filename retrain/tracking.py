@@ -8,9 +8,14 @@ evaluate and export resume it.
 """
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import keras
@@ -26,27 +31,50 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
+def _default_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _default_uri()
 
 
 def _is_default_store() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    # Not "MLFLOW_TRACKING_URI is unset": mlflow.set_tracking_uri() exports it for child processes.
+    return tracking_uri() == _default_uri()
+
+
+@contextlib.contextmanager
+def _store_lock():
+    """Serialises first use of the default SQLite store across processes (`dvc queue start -j N`).
+
+    MLflow's tracking store creates and migrates a new database's tables without a lock, so two
+    workers opening a fresh mlflow.db at once fail ("duplicate column name"). The lock file lives in
+    the temp folder, not beside mlflow.db, so it never shows up in `git status`.
+    """
+    if not _is_default_store():
+        yield
+        return
+    digest = hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"retrain-mlflow-{digest}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even if we crash
+        yield
 
 
 def use_experiment(name: str) -> str:
     """Point MLflow at the store and experiment (created if missing, safely under parallel workers)."""
     mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
-    for _ in range(3):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = (project_root() / "mlartifacts").as_uri() if _is_default_store() else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except MlflowException:
-            continue  # another queue worker created it between our look and our create
+    with _store_lock():
+        client = mlflow.MlflowClient()  # opening a new SQLite store creates its tables
+        for _ in range(3):
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            location = (project_root() / "mlartifacts").as_uri() if _is_default_store() else None
+            try:
+                return client.create_experiment(name, artifact_location=location)
+            except MlflowException:
+                continue  # on a server, another worker created it between our look and our create
     raise RetrainError(f"MLflow experiment '{name}' could not be created in {tracking_uri()}")
 
 
@@ -58,11 +86,45 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def fail_stale_runs(experiment_id: str) -> list[str]:
+    """Mark this host's RUNNING runs whose creating process is gone as FAILED; return their ids.
+
+    A SIGKILLed (or OOM-killed) train or evaluate cannot end its run, which would then stay
+    RUNNING forever in the MLflow UI. Runs record `retrain.pid` and `retrain.host` when created;
+    a run of another host, or whose process still lives, is left alone.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    stale = []
+    query = f"attributes.status = 'RUNNING' and tags.`retrain.host` = '{host}'"
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        pid = run.data.tags.get("retrain.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "retrain.failure", f"process {pid} ended without closing the run (killed?)")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            print(f"MLflow run {run.info.run_id} was left RUNNING by process {pid}, which is gone: marked FAILED",
+                  file=sys.stderr)
+            stale.append(run.info.run_id)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
 def start_run(experiment: str, params: dict, tags: dict, run_file: Path) -> str:
     """Create this pipeline execution's run, log params and tags, record its id in run_file."""
     experiment_id = use_experiment(experiment)
+    fail_stale_runs(experiment_id)
     run_name = os.environ.get("DVC_EXP_NAME") or None
-    all_tags = {"git_commit": _git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **tags}
+    all_tags = {"git_commit": _git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **tags,
+                "retrain.pid": str(os.getpid()), "retrain.host": socket.gethostname()}
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     client = mlflow.MlflowClient()
@@ -90,6 +152,7 @@ def resumed_run(run_file: Path):
         run = mlflow.start_run(run_id=info["run_id"])
     except MlflowException as error:
         raise RetrainError(f"{run_file}: MLflow run {info['run_id']} not found in {tracking_uri()} ({error.message})") from None
+    mlflow.set_tag("retrain.pid", str(os.getpid()))  # the live owner, so stale-run cleanup spares it
     try:
         yield run
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 import json
 
 from retrain import paths
+from retrain.augment import compute_views, write_views_array
 from retrain.backbones import load_backbone
 from retrain.cache import cache_root
 from retrain.errors import exit_on_error
@@ -18,12 +19,16 @@ def bottlenecks():
     cache = FeatureCache(cache_root() / "features", backbone.id, backbone.feature_dim)
     stats = compute_features(examples, backbone, cache, params.bottlenecks.batch_size)
     counts = write_split_arrays(examples, cache, paths.FEATURES_DIR)
+    # Augmented views of the train split only; validation and test stay the photos as they are.
+    stats.update(compute_views(examples, backbone, cache, params.augment, params.seed, params.bottlenecks.batch_size))
+    write_views_array(examples, cache, params.augment, params.seed, paths.TRAIN_AUGMENTED)
     meta = {"backbone": backbone.name, "backbone_id": backbone.id, "dataset_hash": dataset_hash(examples)}
     (paths.FEATURES_DIR / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     stats.update({f"{split}_images": n for split, n in counts.items()})
     stats["rejected"] = max(0, sum(1 for _ in open(paths.REJECTED_CSV, encoding="utf-8")) - 1) if paths.REJECTED_CSV.exists() else 0
     paths.BOTTLENECKS_STATS.write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"{stats['computed']} computed, {stats['cache_hits']} from cache, {stats['images_per_second']} images/s")
+    print(f"{stats['computed']} computed, {stats['cache_hits']} from cache, {stats['images_per_second']} images/s; "
+          f"augmented views: {stats['augmented_computed']} computed, {stats['augmented_cache_hits']} from cache")
 
 
 if __name__ == "__main__":

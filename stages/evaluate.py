@@ -10,6 +10,7 @@ from retrain import paths, tracking
 from retrain.errors import exit_on_error
 from retrain.evaluation import evaluate_predictions, flatten_metrics
 from retrain.features import load_labels, load_split_arrays
+from retrain.finetune import evaluation_inputs
 from retrain.head import load_head
 from retrain.params import load_params
 from retrain.reports import top_misclassified, write_reports
@@ -18,8 +19,9 @@ from retrain.reports import top_misclassified, write_reports
 def evaluate():
     params = load_params()
     labels = load_labels(paths.FEATURES_DIR)
-    x_test, y_test, test_paths = load_split_arrays(paths.FEATURES_DIR, "test")
-    probabilities = load_head(paths.HEAD).predict(x_test, batch_size=256, verbose=0)
+    features_dir, head = evaluation_inputs()  # the fine-tuned model's when the finetune stage ran enabled
+    x_test, y_test, test_paths = load_split_arrays(features_dir, "test")
+    probabilities = load_head(head).predict(x_test, batch_size=256, verbose=0)
     metrics = evaluate_predictions(y_test, probabilities, labels, params.evaluate.top_k)
     paths.EVALUATE_DIR.mkdir(parents=True, exist_ok=True)
     paths.METRICS.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

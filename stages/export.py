@@ -10,21 +10,26 @@ import pandas as pd
 import retrain
 from retrain import paths, tracking
 from retrain.backbones import load_backbone
-from retrain.errors import exit_on_error
+from retrain.errors import RetrainError, exit_on_error
 from retrain.export import build_classifier, check_accuracy, check_reproduces, load_model, save_classifier
 from retrain.features import load_labels
+from retrain.finetune import evaluation_inputs, finetuned
 from retrain.head import dense_layers, load_head
 from retrain.params import load_params
 
 
 def export():
     params = load_params()
+    if not paths.METRICS.exists():
+        raise RetrainError(f"{paths.METRICS}: not found; run the evaluate stage first (dvc repro evaluate)")
     metrics = json.loads(paths.METRICS.read_text())
     check_accuracy(metrics["accuracy"], params.evaluate.min_accuracy)
     size = params.backbone.image_size
-    backbone = load_backbone(params.backbone.name, image_size=(size, size) if size else None)
+    name = str(paths.FINETUNE_BACKBONE) if finetuned() else params.backbone.name
+    backbone = load_backbone(name, image_size=(size, size) if size else None)
     labels = load_labels(paths.FEATURES_DIR)
-    classifier = build_classifier(backbone, dense_layers(load_head(paths.HEAD)), labels, params.export.top_k)
+    _, head = evaluation_inputs()
+    classifier = build_classifier(backbone, dense_layers(load_head(head)), labels, params.export.top_k)
     save_classifier(classifier, paths.MODEL_DIR, params.export.tflite)
     with np.load(paths.PREDICTIONS, allow_pickle=False) as predictions:
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]

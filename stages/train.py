@@ -6,7 +6,10 @@ import json
 import keras
 import mlflow
 
+import numpy as np
+
 from retrain import paths, tracking
+from retrain.augment import load_views_array
 from retrain.errors import exit_on_error
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import save_head, train_head
@@ -18,6 +21,8 @@ def train():
     labels = load_labels(paths.FEATURES_DIR)
     x_train, y_train, _ = load_split_arrays(paths.FEATURES_DIR, "train")
     x_val, y_val, _ = load_split_arrays(paths.FEATURES_DIR, "validation")
+    x_views, y_views = load_views_array(paths.TRAIN_AUGMENTED)  # augment.copies views per train image
+    x_train, y_train = np.concatenate([x_train, x_views]), np.concatenate([y_train, y_views])
     meta = json.loads((paths.FEATURES_DIR / "meta.json").read_text())
     run_id = tracking.start_run(
         params.tracking.experiment,

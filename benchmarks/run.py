@@ -1,0 +1,97 @@
+"""How fast is retrain on this machine? Every figure of issue #7 in one run, side by side.
+
+Real photos: ../shared/data/flower_photos.tgz (2,400 JPEGs), extracted to a temporary folder;
+without it (a user's clone) generated JPEGs stand in, and the table says so. Targets are ratios of
+figures measured in this same run, so a machine shared with other work still compares like with like.
+
+  A. In process, on one subset, in interleaved rounds (best of rounds): the backbone alone on
+     in-memory tensors at its best batch size, decode+resize alone, the bottlenecks compute path
+     (`compute_features`, cold cache), a retrain.py-style loop and the Keras tutorial way.
+  B. A temporary git + DVC project (tests/test_pipeline.py's `make_project`) on the whole set with
+     efficientnet_lite0: cold bottlenecks stage (images/s, peak RSS), train, a no-op `dvc repro`,
+     10 new images, the same set 4x (copies with distinct bytes) for memory growth.
+  C. The exported model: SavedModel and TFLite throughput, cold `retrain predict one.jpg`.
+
+Prints a table with a PASS/FAIL column and writes benchmarks/results/run-<time>.json (and latest.json).
+
+    .venv/bin/python benchmarks/run.py [--images 400] [--quick] [--rounds 3] [--compare-images 320]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
+
+import measure  # noqa: E402  (benchmarks/measure.py)
+import project  # noqa: E402  (benchmarks/project.py)
+
+REAL_DATA = HERE.parent.parent / "shared" / "data" / "flower_photos.tgz"
+REAL_SHA256 = "4be59c3be3b569acb97a1582218d287ad55ac5f7556126346a7802dd42fed075"
+RESULTS = HERE / "results"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None, help="use only this many images (default: all)")
+    parser.add_argument("--compare-images", type=int, default=320, help="subset for the side-by-side part A")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds in part A (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="a small run: 200 images, 64 compared, 1 round")
+    parser.add_argument("--data", type=Path, default=REAL_DATA, help="flower_photos.tgz or a folder of class folders")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.compare_images, args.rounds = args.images or 200, min(args.compare_images, 64), 1
+    return args
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    import tensorflow as tf
+
+    return {"cpu": model, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="retrain-bench-"))
+    started = time.time()
+    try:
+        images, source = project.image_folder(args.data, REAL_SHA256, work / "images", args.images)
+        print(f"images: {source}; work folder {work}", flush=True)
+        result = {"machine": machine(), "data": source, "command": " ".join(["benchmarks/run.py", *sys.argv[1:]])}
+        cache = project.bench_cache(work / "cache")  # fresh feature cache, converted backbone reused
+        result["compare"] = measure.side_by_side(images, args.compare_images, args.rounds, work / "compare")
+        result["pipeline"] = project.pipeline_figures(images, work, cache)
+        result["predict"] = measure.predict_figures(result["pipeline"].pop("_project"), images, args.compare_images)
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["total_s"] = round(time.time() - started, 1)
+        result["table"] = measure.table(result)
+        print()
+        print(measure.render(result["table"], result))
+        args.results.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in (f"run-{stamp}.json", "latest.json"):
+            (args.results / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.results / f'run-{stamp}.json'}")
+        return 0 if all(row["pass"] is not False for row in result["table"]) else 1
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Augmented views of the training images, computed once and cached like any feature.
+
+`augment.copies` views per TRAINING image: a random crop (at least `crop_area_min` of the image,
+aspect 3:4 to 4:3), a left-right flip and a brightness shift, applied to the decoded image before
+it is resized (`retrain.images`), so a crop keeps the photo's full resolution. Every random op is
+a stateless TF op seeded by (global seed, image sha256, view index): the same params give the same
+pixels on every run and machine, so each view's feature vector is a cache entry like an original's,
+keyed `<image sha256>-<params digest>-<view>` in the same `FeatureCache`. Validation and test
+images are never augmented: `views_of` keeps only the train split.
+"""
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from retrain.errors import RetrainError
+from retrain.features import Example, FeatureCache, class_names
+from retrain.images import decode_image, resize_image
+from retrain.params import AugmentParams
+
+# Bump when `augment_image` computes different pixels for the same params and seeds.
+AUGMENT_VERSION = "1"
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+
+
+def params_digest(params: AugmentParams, seed: int) -> str:
+    """12 hex digits naming the augmentation: its amounts, the seed and `AUGMENT_VERSION`."""
+    amounts = {k: v for k, v in params.model_dump().items() if k != "copies"}  # more copies: same views
+    text = json.dumps({"v": AUGMENT_VERSION, "seed": seed, **amounts}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def view_seed(seed: int, sha256: str, view: int | str) -> tuple[int, int]:
+    """The stateless-op seed of one view: a pair of int32s from (seed, image content, view)."""
+    digest = hashlib.sha256(f"{seed}|{sha256}|{view}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1, int.from_bytes(digest[4:8], "little") >> 1
+
+
+def augment_image(image, seed, params: AugmentParams):
+    """uint8 [H, W, 3] → uint8 [h, w, 3]: random crop, flip and brightness, deterministic in `seed`.
+
+    seed: int32 Tensor [2] (see `view_seed`). Runs before `resize_image`, like training's decode.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4], tf.float32), seed=seeds[0],
+        min_object_covered=0.0, aspect_ratio_range=ASPECT_RATIO_RANGE,
+        area_range=(params.crop_area_min, 1.0), max_attempts=20, use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    if params.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if params.brightness:
+        image = tf.image.stateless_random_brightness(image, params.brightness, seeds[2])  # saturates
+    return image
+
+
+def image_dataset(paths, image_size, batch_size: int, params: AugmentParams | None = None, seeds=None, extra=()):
+    """Batches of (float32 [B, H, W, 3] in [0, 1] images, *extra columns), in the order given.
+
+    With `params`, image i is augmented with seeds[i] (int32 [2], see `view_seed`); without, it is
+    decoded and resized exactly as the bottlenecks stage does. extra: more per-image columns to
+    pass through (cache keys, labels). Unreadable files are skipped, as in `retrain.features`.
+    """
+    seeds = np.zeros((len(paths), 2), np.int32) if seeds is None else np.asarray(seeds, np.int32).reshape(-1, 2)
+
+    @tf.autograph.experimental.do_not_convert  # plain TF ops; `params` is a Python choice
+    def load(path, seed, *rest):
+        image = decode_image(tf.io.read_file(path))
+        if params is not None:
+            image = augment_image(image, seed, params)
+        return (resize_image(image, image_size), *rest)
+
+    dataset = tf.data.Dataset.from_tensor_slices((list(paths), seeds, *extra))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def views_of(examples: list[Example], params: AugmentParams, seed: int) -> list[tuple[Example, int, str]]:
+    """(example, view index, cache key) for every view of every TRAINING example, in file order."""
+    digest = params_digest(params, seed)
+    return [(e, i, f"{e.sha256}-{digest}-{i}") for e in examples if e.split == "train" for i in range(params.copies)]
+
+
+def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams, seed: int, batch_size: int) -> dict:
+    """Fill the cache with the features of every training view it lacks; return counts.
+
+    Each key is computed once, however many rows share an image's content.
+    """
+    missing = {}
+    for example, view, key in views_of(examples, params, seed):
+        if key not in missing and cache.get(key) is None:
+            missing[key] = (example.path, view_seed(seed, example.sha256, view))
+    views = len(views_of(examples, params, seed))
+    stats = {"augmented_views": views, "augmented_cache_hits": views - len(missing), "augmented_computed": 0}
+    started = time.perf_counter()
+    if missing:
+        features = tf.function(backbone.features)
+        paths, seeds = zip(*missing.values())
+        dataset = image_dataset(paths, backbone.image_size, batch_size, params, seeds, extra=[list(missing)])
+        with tqdm(total=len(missing), unit="view", desc="augmented views", mininterval=1.0) as bar:
+            for images, keys in dataset:
+                for key, vector in zip(keys.numpy(), features(images).numpy()):
+                    cache.put(key.decode(), vector)
+                stats["augmented_computed"] += len(keys)
+                bar.update(len(keys))
+    stats["augmented_seconds"] = round(time.perf_counter() - started, 3)
+    return stats
+
+
+def write_views_array(examples, cache: FeatureCache, params: AugmentParams, seed: int, out_path) -> int:
+    """Write out_path (.npz: features float32 [V, D], labels int32 [V], paths, views int32 [V])."""
+    index = {name: i for i, name in enumerate(class_names(examples))}
+    rows = views_of(examples, params, seed)
+    vectors = []
+    for example, _, key in rows:
+        vector = cache.get(key)
+        if vector is None:
+            raise RetrainError(f"{example.path}: an augmented view could not be computed; did the file change? "
+                               "rerun `dvc repro`")
+        vectors.append(vector)
+    np.savez(
+        out_path,
+        features=np.stack(vectors) if vectors else np.zeros((0, cache.feature_dim), np.float32),
+        labels=np.array([index[e.label] for e, _, _ in rows], dtype=np.int32),
+        paths=np.array([e.path for e, _, _ in rows], dtype=str),
+        views=np.array([view for _, view, _ in rows], dtype=np.int32),
+    )
+    return len(rows)
+
+
+def load_views_array(path) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [V, D], labels int32 [V]) of the training views; empty when absent."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["features"], data["labels"]
+    except FileNotFoundError:
+        raise RetrainError(f"{path}: not found; run the bottlenecks stage first (dvc repro bottlenecks)") from None

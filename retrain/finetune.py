@@ -1,0 +1,170 @@
+"""Fine-tuning: the backbone's top blocks and the trained head, trained together on images.
+
+Opt-in (`finetune.enabled`). The backbone's trainable variables are grouped into blocks by the
+first part of their names (EfficientNet-Lite0: `stem`, `block0` … `block15`, `head` — the final
+1x1 conv); the top `finetune.blocks` groups are unfrozen, everything below stays as it was. Batch
+norm needs no special care: the embedded EfficientNet-Lite0 folds it into the conv kernels and
+biases at conversion, so there are no batch statistics to update or freeze (inference mode is all
+there is). Training starts from the head the train stage fitted, on freshly augmented views of
+the training images (`retrain.augment`, new seeds every epoch), at a low learning rate with cosine
+decay, and keeps the epoch with the best validation loss. The fine-tuned backbone is saved as a
+SavedModel that `load_backbone` reads like any other; the validation and test features it gives
+are written beside it so that evaluate and export judge the fine-tuned model. Runs wherever
+TensorFlow places it: the CPU here, a GPU where one exists.
+"""
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from retrain import paths
+from retrain.augment import image_dataset, view_seed
+from retrain.errors import RetrainError
+from retrain.features import Example, class_names
+from retrain.head import set_seed
+from retrain.params import AugmentParams, FinetuneParams
+
+
+def variable_blocks(backbone) -> list[tuple[str, list]]:
+    """The backbone's trainable variables as (block name, variables), from input to output.
+
+    A block is the first part of a variable name (`block3/expand/kernel:0` → `block3`), in the
+    order the module lists its trainable variables (TF Hub convention: input to output).
+    """
+    blocks: dict[str, list] = {}
+    for variable in backbone.trainable_variables:
+        blocks.setdefault(variable.name.split("/")[0].split(":")[0], []).append(variable)
+    return list(blocks.items())
+
+
+def unfrozen_blocks(backbone, count: int) -> list[tuple[str, list]]:
+    """The top `count` blocks; one-line RetrainError when the backbone cannot be fine-tuned."""
+    blocks = variable_blocks(backbone)
+    if not blocks:
+        raise RetrainError(f"backbone {backbone.name!r} exposes no trainable variables, so it cannot be "
+                           "fine-tuned; set finetune.enabled: false or use backbone.name: efficientnet_lite0")
+    if count > len(blocks):
+        raise RetrainError(f"finetune.blocks is {count} but backbone {backbone.name!r} has only {len(blocks)} "
+                           f"blocks ({blocks[0][0]} … {blocks[-1][0]}); lower finetune.blocks")
+    return blocks[-count:]
+
+
+def finetune(backbone, head: keras.Model, examples: list[Example], augment: AugmentParams,
+             params: FinetuneParams, label_smoothing: float, seed: int) -> dict:
+    """Train the top `params.blocks` blocks and the head in place; return per-epoch history.
+
+    examples: all rows of split.csv (train rows are trained on, validation rows pick the epoch).
+    The backbone's module and the head end with the weights of the best validation loss.
+    """
+    set_seed(seed)
+    index = {name: i for i, name in enumerate(class_names(examples))}
+    train = [e for e in examples if e.split == "train"]
+    validation = [e for e in examples if e.split == "validation"]
+    # Keras 3 variables hold a tf.Variable in `.value`; the tape watches only what is trained.
+    variables = [v for _, block in unfrozen_blocks(backbone, params.blocks) for v in block] + head.trainable_variables
+    watched = [v if isinstance(v, tf.Variable) else v.value for v in variables]
+    steps = params.epochs * -(-len(train) // params.batch_size)
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(params.learning_rate, max(1, steps)))
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    num_classes = len(index)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(images, labels):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(watched)
+            probabilities = head(backbone.features(images), training=True)
+            loss = loss_fn(tf.one_hot(labels, num_classes), probabilities)
+        optimizer.apply_gradients(zip(tape.gradient(loss, watched), variables))
+        return loss
+
+    features = tf.function(backbone.features, reduce_retracing=True)
+    history = {"loss": [], "val_loss": [], "val_accuracy": [], "seconds": []}
+    best, best_loss = _snapshot(variables), np.inf
+    for epoch in range(params.epochs):
+        started = time.perf_counter()
+        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        rows = [train[i] for i in order]
+        seeds = [view_seed(seed, e.sha256, f"finetune-{epoch}") for e in rows]
+        labels = np.array([index[e.label] for e in rows], np.int32)
+        dataset = image_dataset([e.path for e in rows], backbone.image_size, params.batch_size, augment, seeds, [labels])
+        losses = [float(train_step(images, batch_labels)) for images, batch_labels in dataset]
+        val_loss, val_accuracy = _validate(features, head, validation, index, backbone.image_size, params.batch_size)
+        for key, value in zip(history, (np.mean(losses), val_loss, val_accuracy, time.perf_counter() - started)):
+            history[key].append(float(value))
+        print(f"finetune epoch {epoch + 1}/{params.epochs}: loss {history['loss'][-1]:.4f} "
+              f"val_loss {val_loss:.4f} val_accuracy {val_accuracy:.4f} ({history['seconds'][-1]:.0f} s)", flush=True)
+        if val_loss < best_loss or not validation:
+            best, best_loss = _snapshot(variables), val_loss
+    for variable, value in zip(variables, best):
+        variable.assign(value)
+    history["best_epoch"] = int(np.argmin(history["val_loss"])) if validation else params.epochs - 1
+    return history
+
+
+def _snapshot(variables) -> list[np.ndarray]:
+    return [v.numpy() for v in variables]
+
+
+def _validate(features, head, rows, index, image_size, batch_size) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the un-augmented validation images."""
+    if not rows:
+        return float("nan"), float("nan")
+    vectors, labels = split_features(features, rows, index, image_size, batch_size)
+    probabilities = head(vectors, training=False).numpy()
+    loss = -np.mean(np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)))
+    return float(loss), float(np.mean(probabilities.argmax(1) == labels))
+
+
+def split_features(features, rows: list[Example], index, image_size, batch_size) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, D] features, int32 [N] labels) of rows' images, decoded as bottlenecks does."""
+    labels = np.array([index[e.label] for e in rows], np.int32)
+    batches = [features(images).numpy() for (images,) in image_dataset([e.path for e in rows], image_size, batch_size)]
+    vectors = np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
+    if len(vectors) != len(rows):
+        raise RetrainError(f"{len(rows) - len(vectors)} images could not be decoded now though split accepted "
+                           "them; did they change? rerun `dvc repro`")
+    return vectors, labels
+
+
+def write_split_features(backbone, examples: list[Example], out_dir: Path, batch_size: int) -> None:
+    """out_dir/<split>.npz for validation and test, with the fine-tuned backbone (as write_split_arrays)."""
+    index = {name: i for i, name in enumerate(class_names(examples))}
+    features = tf.function(backbone.features, reduce_retracing=True)
+    for split in ("validation", "test"):
+        rows = [e for e in examples if e.split == split]
+        vectors, labels = split_features(features, rows, index, backbone.image_size, batch_size)
+        np.savez(out_dir / f"{split}.npz", features=vectors, labels=labels, paths=np.array([e.path for e in rows], dtype=str))
+
+
+def save_backbone(backbone, path: Path) -> None:
+    """Save the (fine-tuned) backbone module as a SavedModel, atomically; load it with load_backbone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-backbone-"))
+    try:
+        tf.saved_model.save(backbone.module, str(temp), signatures=dict(getattr(backbone.module, "signatures", {})) or None)
+        if path.exists():
+            shutil.rmtree(path)
+        temp.rename(path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def finetuned() -> bool:
+    """Whether the finetune stage ran enabled: its head, backbone and features then replace the frozen ones."""
+    try:
+        return bool(json.loads(paths.FINETUNE_JSON.read_text())["enabled"])
+    except FileNotFoundError:
+        return False
+
+
+def evaluation_inputs() -> tuple[Path, Path]:
+    """(folder of validation/test .npz, head file) that evaluate and export should use."""
+    return (paths.FINETUNE_DIR, paths.FINETUNE_HEAD) if finetuned() else (paths.FEATURES_DIR, paths.HEAD)

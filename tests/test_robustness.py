@@ -1,0 +1,368 @@
+"""Bad input gets a clear message and nothing is lost: a corpus of awkward files through the real
+split and bottlenecks stages, stages run with their inputs missing, SIGKILLs in the middle of
+bottlenecks and train, two from-scratch pipelines compared bit for bit, and a scan for unsafe loads.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from imagegen import image_bytes, jpeg_with_orientation, make_class_folders, png_16bit_bytes, png_header_only
+from test_pipeline import REPO, make_project, run, set_params
+
+CLASSES = {"red": (230, 20, 20), "blue": (30, 40, 230)}
+
+
+def _stage_function(name: str):
+    """The stage's function (split, bottlenecks...) from stages/<name>.py, run in this process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _plain_project(root: Path, backbone: Path, **params) -> Path:
+    """A folder with params.yaml, where stage scripts run without DVC (their cwd is the project)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    set_params(root, **{"data.url": "unused", "data.sha256": None, "backbone.name": str(backbone), **params})
+    return root
+
+
+def _csv(path: Path) -> dict[str, str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+# --- 1. a corpus of awkward files --------------------------------------------------------------
+
+
+def _animated_gif() -> bytes:
+    import io
+
+    frames = [Image.new("RGB", (40, 30), colour) for colour in [(230, 20, 20), (20, 230, 20), (20, 20, 230)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+GOOD = {  # name in the red folder: bytes (every one must be used)
+    "png_named.jpg": image_bytes("PNG", CLASSES["red"], seed=1),
+    "webp_named.jpg": image_bytes("WEBP", CLASSES["red"], seed=2),
+    "bmp_named.jpg": image_bytes("BMP", CLASSES["red"], seed=3),
+    "animated.gif": _animated_gif(),
+    "sixteen_bit.png": png_16bit_bytes(),
+    "grayscale.jpg": image_bytes("JPEG", CLASSES["red"], seed=4, mode="L"),
+    "cmyk.jpg": image_bytes("JPEG", CLASSES["red"], seed=5, mode="CMYK"),
+    "rgba.png": image_bytes("PNG", CLASSES["red"], seed=6, mode="RGBA"),
+    "rosé été.jpg": image_bytes("JPEG", CLASSES["red"], seed=7),
+    "向日葵.JPG": image_bytes("JPEG", CLASSES["red"], seed=8),
+    "exif_rotated.jpg": jpeg_with_orientation(6, size=(48, 32), seed=9),
+}
+_JPEG = image_bytes("JPEG", CLASSES["red"], (200, 150), seed=10)
+BAD = {  # name in the red folder: (bytes, the reason rejected.csv must give)
+    "empty.jpg": (b"", "empty file"),
+    "truncated.jpg": (_JPEG[: len(_JPEG) * 2 // 3], "truncated JPEG"),
+    "damaged_header.png": (b"\x89PNG\r\n\x1a\n" + bytes(40), "corrupt PNG (damaged header)"),
+    "huge.png": (png_header_only(100_000, 100_000),  # 30 GB if decoded: rejected from the header
+                 "image is 100000x100000 = 10000 MP, over the 89 MP limit (data.max_image_pixels)"),
+    "notes.txt": (b"holiday photos, see the other folder\n", "not an image (text file)"),
+    "scan.tiff": (image_bytes("TIFF"), "TIFF image: format not supported (use JPEG, PNG, GIF, BMP or WebP)"),
+    ".DS_Store": (b"\0\0\0\1Bud1" + bytes(100), "hidden file, skipped"),
+    ".hidden.jpg": (_JPEG, "hidden file, skipped"),
+}
+
+
+def _write_corpus(root: Path) -> None:
+    make_class_folders(root, CLASSES, per_class=3, size=(48, 48))
+    for name, data in GOOD.items():
+        (root / "red" / name).write_bytes(data)
+    for name, (data, _) in BAD.items():
+        (root / "red" / name).write_bytes(data)
+    (root / "blue" / ".thumbnails").mkdir()
+    (root / "blue" / ".thumbnails" / "t.jpg").write_bytes(_JPEG)
+    os.symlink("..", root / "blue" / "loop")
+    os.symlink("gone.jpg", root / "blue" / "dangling.jpg")
+    os.symlink(root / "red" / "rgba.png", root / "blue" / "linked.png")  # a good link is followed
+
+
+def test_every_awkward_file_is_used_or_rejected_with_a_reason_and_serving_sees_the_same_pixels(
+    tmp_path, tiny_backbone, monkeypatch
+):
+    from retrain.backbones import load_backbone
+    from retrain.export import build_classifier, load_model, save_classifier
+
+    root = _plain_project(tmp_path / "project", tiny_backbone, **{"bottlenecks.batch_size": 4})
+    corpus = root / "data" / "raw" / "corpus"
+    _write_corpus(corpus)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    _stage_function("split")()
+    _stage_function("bottlenecks")()
+
+    used = _csv(root / "data/split.csv")
+    good = {f"data/raw/corpus/red/{name}" for name in GOOD} | {"data/raw/corpus/blue/linked.png"}
+    good |= {f"data/raw/corpus/{c}/{c}_{i:04d}.jpg" for c in CLASSES for i in range(3)}
+    assert set(used) == good
+    rejected = {path: row["reason"] for path, row in _csv(root / "data/rejected.csv").items()}
+    expected = {f"data/raw/corpus/red/{name}": reason for name, (_, reason) in BAD.items()}
+    expected.update({
+        "data/raw/corpus/blue/.thumbnails": "hidden folder, skipped",
+        "data/raw/corpus/blue/loop": "symlink loop (links to a folder already scanned), skipped",
+        "data/raw/corpus/blue/dangling.jpg": "broken symlink",
+    })
+    assert rejected == expected
+
+    featured = {}
+    for split in ("train", "validation", "test"):
+        with np.load(root / f"data/features/{split}.npz", allow_pickle=False) as arrays:
+            featured.update(zip((str(p) for p in arrays["paths"]), arrays["features"]))
+    assert set(featured) == good  # every usable image got features, and nothing else did
+    stats = json.loads((root / "data/bottlenecks.json").read_text())
+    assert stats["computed"] == len({row["sha256"] for row in used.values()}) and stats["rejected"] == len(expected)
+
+    # The served model decodes with the same function: an identity head returns the features.
+    backbone = load_backbone(str(tiny_backbone))
+    dim = backbone.feature_dim
+    identity = [(np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32), "linear")]
+    save_classifier(build_classifier(backbone, identity, [f"f{i}" for i in range(dim)], 1), tmp_path / "m", tflite=False)
+    serve = load_model(tmp_path / "m").signatures["serving_default"]
+    rotated, upright = GOOD["exif_rotated.jpg"], jpeg_with_orientation(1, size=(48, 32), seed=9)
+    served = serve(image_bytes=np.array([rotated, upright], dtype=object))["probabilities"].numpy()
+    np.testing.assert_allclose(served[0], featured["data/raw/corpus/red/exif_rotated.jpg"], rtol=1e-5, atol=1e-6)
+    assert np.abs(served[0] - served[1]).max() > 1e-3  # the EXIF tag really turned the pixels
+
+
+# --- 2. a stage missing its input says so in one line ------------------------------------------
+
+
+def _stage(root: Path, name: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600, **popen)
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, says", [
+    ("split", "data/raw should hold one dataset folder but holds nothing; run: dvc repro download"),
+    ("bottlenecks", "data/split.csv: not found; run the split stage first"),
+    ("train", "data/features/labels.txt: not found; run the bottlenecks stage first"),
+    ("evaluate", "data/features/labels.txt: not found; run the bottlenecks stage first"),
+    ("export", "data/evaluate/metrics.json: not found; run the evaluate stage first"),
+])
+def test_a_stage_run_before_its_inputs_exist_prints_one_error_line(tmp_path, tiny_backbone, stage, says):
+    assert says in _error_line(_stage(_plain_project(tmp_path, tiny_backbone), stage))
+
+
+@pytest.mark.slow
+def test_a_typo_in_params_and_a_lone_class_stop_the_split_stage_with_one_line(tmp_path, tiny_backbone):
+    root = _plain_project(tmp_path, tiny_backbone)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["min_image_per_class"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "data.min_image_per_class" in _error_line(_stage(root, "split"))
+    _plain_project(root, tiny_backbone)
+    make_class_folders(root / "data/raw/photos", {"red": (255, 0, 0)}, per_class=3)
+    assert "only one class folder" in _error_line(_stage(root, "split"))
+
+
+# --- 3. SIGKILL in the middle, then rerun ------------------------------------------------------
+
+
+def _save_slow_backbone(path: Path, size: int = 32) -> Path:
+    """A real SavedModel that is deliberately slow (a few hundred matmuls per image), so a test can
+    kill the bottlenecks stage while it is computing."""
+    import tensorflow as tf
+
+    class Slow(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        def __call__(self, images):
+            x = tf.reshape(tf.image.resize(images, [16, 16]), [-1, 768])
+            mix = tf.eye(768) * 0.999 + 0.0001
+
+            def body(i, y):
+                return i + 1, tf.tanh(tf.matmul(y, mix))
+
+            _, y = tf.while_loop(lambda i, y: i < 300, body, [tf.constant(0), x])
+            return tf.concat([tf.reduce_mean(images, axis=[1, 2]), y[:, :9]], axis=1)
+
+    tf.saved_model.save(Slow(), str(path))
+    return path
+
+
+def _kill_when(process: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
+    """SIGKILL `process` as soon as `ready()` holds (polled); fail if it ended first."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None:
+            raise AssertionError(f"the stage ended before {what}: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _popen_stage(root: Path, name: str, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A project whose bottlenecks stage was SIGKILLed mid-way; records what the cache held."""
+    base = tmp_path_factory.mktemp("killed")
+    backbone = _save_slow_backbone(base / "slow_backbone")
+    root = _plain_project(base / "project", backbone, **{
+        "bottlenecks.batch_size": 1, "train.epochs": 2, "train.batch_size": 8,
+        "data.validation_percentage": 20, "data.testing_percentage": 20,
+    })
+    make_class_folders(root / "data/raw/photos", CLASSES, per_class=60, size=(32, 32))
+    cache = base / "cache"
+    assert _stage(root, "split").returncode == 0
+    entries = lambda: [p for p in cache.glob("features/*/*/*/*.npy") if not p.name.startswith(".tmp-")]  # noqa: E731
+    process = _popen_stage(root, "bottlenecks", cache)
+    _kill_when(process, lambda: len(entries()) >= 5, "5 cached features")
+    return {"root": root, "cache": cache, "entries": entries, "backbone": backbone, "killed_rc": process.returncode}
+
+
+@pytest.mark.slow
+def test_a_killed_bottlenecks_stage_reruns_only_the_missing_features_and_skips_damaged_entries(killed):
+    root, done = killed["root"], killed["entries"]()
+    assert killed["killed_rc"] == -signal.SIGKILL and 5 <= len(done) < 120
+    assert not (root / "data/features/train.npz").exists()
+    # A damaged entry (a disk that lost the file's tail) must be detected, not read.
+    damaged = done[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    result = _stage(root, "bottlenecks", {"RETRAIN_CACHE_DIR": str(killed["cache"])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((root / "data/bottlenecks.json").read_text())
+    assert stats["images"] == 120
+    assert stats["cache_hits"] == len(done) - 1 and stats["computed"] == 120 - len(done) + 1
+
+    import tensorflow as tf
+
+    from retrain.backbones import load_backbone
+    from retrain.images import decode_image, resize_image
+
+    sha = damaged.stem
+    (path,) = [p for p, row in _csv(root / "data/split.csv").items() if row["sha256"] == sha]
+    split = _csv(root / "data/split.csv")[path]["split"]
+    with np.load(root / f"data/features/{split}.npz", allow_pickle=False) as arrays:
+        stored = arrays["features"][[str(p) for p in arrays["paths"]].index(path)]
+    backbone = load_backbone(str(killed["backbone"]))
+    image = resize_image(decode_image(tf.io.read_file(str(root / path))), backbone.image_size)
+    np.testing.assert_allclose(stored, backbone.features(image[tf.newaxis]).numpy()[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_train_keeps_the_previous_head_and_its_mlflow_run_is_marked_failed_next_time(killed):
+    import keras
+    import mlflow
+
+    root, cache = killed["root"], killed["cache"]
+    if not (root / "data/features/train.npz").exists():
+        assert _stage(root, "bottlenecks", {"RETRAIN_CACHE_DIR": str(cache)}).returncode == 0
+    first = _stage(root, "train", {"RETRAIN_CACHE_DIR": str(cache)})
+    assert first.returncode == 0, first.stderr[-3000:]
+    head = (root / "data/train/head.keras").read_bytes()
+
+    set_params(root, **{"train.epochs": 100_000, "train.early_stopping_patience": 100_000, "train.batch_size": 1})
+    process = _popen_stage(root, "train", cache)
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = lambda: client.get_experiment_by_name("retrain").experiment_id  # noqa: E731
+
+    def fitting():  # mid-fit: its run is open and has logged a finished epoch
+        running = client.search_runs([experiment()], "attributes.status = 'RUNNING'")
+        return any("train_loss" in r.data.metrics for r in running)
+
+    _kill_when(process, fitting, "a logged epoch")
+    assert (root / "data/train/head.keras").read_bytes() == head  # the previous head, intact
+    assert not list((root / "data/train").glob(".tmp-*"))
+    keras.models.load_model(root / "data/train/head.keras", compile=False)
+    (stale,) = client.search_runs([experiment()], "attributes.status = 'RUNNING'")
+    assert stale.data.tags["retrain.pid"] == str(process.pid) and stale.data.tags["retrain.host"]
+
+    set_params(root, **{"train.epochs": 2, "train.batch_size": 8})
+    again = _stage(root, "train", {"RETRAIN_CACHE_DIR": str(cache)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"MLflow run {stale.info.run_id} was left RUNNING by process {process.pid}" in again.stderr
+    assert client.get_run(stale.info.run_id).info.status == "FAILED"
+    statuses = sorted(r.info.status for r in client.search_runs([experiment()]))
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+
+
+# --- 4. same data, same params: same bytes -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_pipelines_from_scratch_give_identical_features_head_and_metrics(tmp_path, tiny_backbone, monkeypatch):
+    from retrain.head import dense_layers, load_head
+
+    images = tmp_path / "flowers"
+    make_class_folders(images, {**CLASSES, "green": (20, 200, 40)}, per_class=10, size=(48, 48))
+    roots = []
+    for name in ("first", "second"):
+        monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / f"cache-{name}"))  # nothing shared
+        (tmp_path / name).mkdir()
+        root = make_project(tmp_path / name, str(images), None, tiny_backbone)
+        set_params(root, **{"train.epochs": 8})
+        run(root, "dvc", "repro", "evaluate")
+        roots.append(root)
+    first, second = roots
+    files = ["data/split.csv", "data/features/labels.txt", "data/features/meta.json", "data/evaluate/metrics.json",
+             *(f"data/features/{split}.npz" for split in ("train", "validation", "test"))]
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    for (k1, b1, a1), (k2, b2, a2) in zip(*(dense_layers(load_head(r / "data/train/head.keras")) for r in roots)):
+        assert a1 == a2 and np.array_equal(k1, k2) and np.array_equal(b1, b2)
+
+
+# --- 5. security: nothing unpickles what a user hands in ----------------------------------------
+
+_UNSAFE = {
+    r"\bpickle\.loads?\(": "pickle.load runs code named in the file",
+    r"\b(cloudpickle|dill|joblib|marshal|shelve)\.": "these unpickle (or unmarshal) arbitrary objects",
+    r"\btorch\.load\(": "torch.load unpickles",
+    r"allow_pickle\s*=\s*True": "np.load(allow_pickle=True) unpickles",
+    r"\byaml\.(unsafe_)?load\(": "use yaml.safe_load",
+    r"safe_mode\s*=\s*False": "Keras' safe_mode=False runs lambdas from the file",
+    r"\b(eval|exec)\(": "no eval/exec of data",
+}
+
+
+def test_no_source_file_unpickles_or_evals_user_input():
+    offenders = []
+    for path in sorted([*REPO.glob("retrain/**/*.py"), *REPO.glob("stages/*.py"), *REPO.glob("benchmarks/**/*.py")]):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#")[0]
+            offenders += [f"{path.relative_to(REPO)}:{number}: {why}" for pattern, why in _UNSAFE.items()
+                          if re.search(pattern, code)]
+    assert offenders == []
+    # The one unpickler (PyTorch weights of the embedded backbone) resolves only an allowlist.
+    source = (REPO / "retrain/backbones/torch_pickle.py").read_text(encoding="utf-8")
+    assert "class _RestrictedUnpickler(pickle.Unpickler)" in source and "def find_class" in source
+    assert "_ALLOWED_GLOBALS" in source

@@ -1,0 +1,96 @@
+"""`mlflow models serve` of the registered model: an image in a JSON request, its top-k labels out.
+
+A small `dvc repro` (tiny backbone) fills a default SQLite store; the model is then served from the
+registry exactly as a user would, with MLflow's own server, and asked over loopback HTTP.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import pytest
+
+from conftest import free_port
+from imagegen import image_bytes, make_class_folders
+from test_pipeline import BIN, CLASSES, make_project, publish, run, set_params
+
+pytestmark = pytest.mark.slow
+
+MODEL_URI = "models:/retrain-classifier/1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_backbone):
+    """A project after one `dvc repro`; yields its default store's tracking URI."""
+    folder = tmp_path_factory.mktemp("images")
+    make_class_folders(folder / "flowers", CLASSES, per_class=12, size=(64, 64))
+    (folder / "archive").mkdir()
+    sha = publish(folder / "flowers", folder / "archive")
+    root = make_project(tmp_path_factory.mktemp("serving"), str(folder / "archive/flowers.tgz"), sha, tiny_backbone)
+    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    run(root, "dvc", "repro")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """`mlflow models serve` of the registered model; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
+        process.wait(timeout=60)
+
+
+def _invoke(url: str, body: str) -> list[dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=body.encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["predictions"]
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"HTTP {error.code}: {error.read().decode()[:2000]}") from None
+
+
+def test_a_served_model_names_the_class_of_a_posted_image(server):
+    images = [image_bytes("JPEG", CLASSES["green"], (90, 70), seed=77), image_bytes("PNG", CLASSES["blue"], (50, 50), seed=78)]
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()] for image in images]}}
+    green, blue = _invoke(server, json.dumps(body))
+    assert green["label"] == "green" and blue["label"] == "blue"
+    assert green["top_k_labels"][0] == "green" and len(green["top_k_labels"]) == 2
+    assert green["probability"] == pytest.approx(green["top_k_probabilities"][0]) and green["probability"] > 0.5
+
+
+def test_the_logged_model_carries_a_signature_and_examples_that_serve(store, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    local = mlflow.artifacts.download_artifacts(MODEL_URI)
+    model = mlflow.models.Model.load(local)
+    assert model.signature.inputs.to_dict() == [{"type": "binary", "name": "image", "required": True}]
+    assert {"label", "probability", "top_k_labels", "top_k_probabilities"} <= set(model.signature.outputs.input_names())
+    example = model.load_input_example(local)
+    assert isinstance(example["image"][0], bytes) and example["image"][0][:2] == b"\xff\xd8"  # a JPEG
+    (answer,) = _invoke(server, model.get_serving_input(local))  # what the MLflow UI offers to paste
+    assert answer["label"] in CLASSES
