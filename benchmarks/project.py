@@ -149,6 +149,8 @@ def pipeline_figures(images: Path, work: Path, cache: Path) -> dict:
     root = make_project(work / "project", str(images), None, "efficientnet_lite0")
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())
     set_params(root, **{key: defaults[key.split(".")[0]][key.split(".")[1]] for key in DEFAULTS})
+    if "augment" in defaults:  # issue #7 measures the photos' own features; views would add 5x work per run
+        set_params(root, **{"augment.copies": 0})
     out = {"_project": root, "images": sum(1 for _ in image_paths(images))}
 
     out["split_s"], _ = timed(root, "dvc", "repro", "split")

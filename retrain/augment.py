@@ -91,12 +91,11 @@ def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams
 
     Each key is computed once, however many rows share an image's content.
     """
-    missing = {}
-    for example, view, key in views_of(examples, params, seed):
+    views, missing = views_of(examples, params, seed), {}
+    for example, view, key in views:
         if key not in missing and cache.get(key) is None:
             missing[key] = (example.path, view_seed(seed, example.sha256, view))
-    views = len(views_of(examples, params, seed))
-    stats = {"augmented_views": views, "augmented_cache_hits": views - len(missing), "augmented_computed": 0}
+    stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing), "augmented_computed": 0}
     started = time.perf_counter()
     if missing:
         features = tf.function(backbone.features)

@@ -122,7 +122,7 @@ class FeatureCache:
 
 @functools.lru_cache(maxsize=8)
 def _loader(image_size: tuple[int, int]):
-    """path, sha → (float32 [H, W, 3] image, sha); traced once per process and size (~1 s saved per call)."""
+    """path, sha → (float32 [H, W, 3] image, sha); traced once per process and size (tracing costs 1-4 s)."""
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)], autograph=False)
     def load(path, sha):

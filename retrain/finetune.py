@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from retrain import paths
 from retrain.augment import image_dataset, view_seed
@@ -84,7 +85,7 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
         return loss
 
     features = tf.function(backbone.features, reduce_retracing=True)
-    history = {"loss": [], "val_loss": [], "val_accuracy": [], "seconds": []}
+    history = {"loss": [], "val_loss": [], "val_accuracy": [], "epoch_seconds": []}
     best, best_loss = _snapshot(variables), np.inf
     for epoch in range(params.epochs):
         started = time.perf_counter()
@@ -93,12 +94,16 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
         seeds = [view_seed(seed, e.sha256, f"finetune-{epoch}") for e in rows]
         labels = np.array([index[e.label] for e in rows], np.int32)
         dataset = image_dataset([e.path for e in rows], backbone.image_size, params.batch_size, augment, seeds, [labels])
-        losses = [float(train_step(images, batch_labels)) for images, batch_labels in dataset]
+        with tqdm(total=len(rows), unit="img", desc=f"finetune epoch {epoch + 1}", mininterval=5.0) as bar:
+            losses = []
+            for images, batch_labels in dataset:
+                losses.append(float(train_step(images, batch_labels)))
+                bar.update(len(batch_labels))
         val_loss, val_accuracy = _validate(features, head, validation, index, backbone.image_size, params.batch_size)
         for key, value in zip(history, (np.mean(losses), val_loss, val_accuracy, time.perf_counter() - started)):
             history[key].append(float(value))
         print(f"finetune epoch {epoch + 1}/{params.epochs}: loss {history['loss'][-1]:.4f} "
-              f"val_loss {val_loss:.4f} val_accuracy {val_accuracy:.4f} ({history['seconds'][-1]:.0f} s)", flush=True)
+              f"val_loss {val_loss:.4f} val_accuracy {val_accuracy:.4f} ({history['epoch_seconds'][-1]:.0f} s)", flush=True)
         if val_loss < best_loss or not validation:
             best, best_loss = _snapshot(variables), val_loss
     for variable, value in zip(variables, best):

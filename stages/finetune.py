@@ -46,7 +46,7 @@ def finetune():
             mlflow.log_metrics({"finetune_loss": loss, "finetune_val_loss": val_loss,
                                 "finetune_val_accuracy": val_accuracy}, step=epoch)
         mlflow.log_metric("finetune_seconds", summary["seconds"])
-    print(f"fine-tuned {', '.join(blocks)} and the head for {params.finetune.epochs} epochs in "
+    print(f"fine-tuned backbone blocks {', '.join(blocks)} with the classifier for {params.finetune.epochs} epochs in "
           f"{summary['seconds']:.0f} s; best validation accuracy {max(history['val_accuracy']):.4f}")
 
 

@@ -5,7 +5,6 @@ import json
 
 import keras
 import mlflow
-
 import numpy as np
 
 from retrain import paths, tracking

@@ -93,10 +93,11 @@ def test_more_blocks_than_the_backbone_has_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_repro_with_finetuning_on_and_off(tmp_path, tiny_backbone):
+def test_repro_with_finetuning_on_and_off(tmp_path):
     images = tmp_path / "flowers"
     make_class_folders(images, {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}, per_class=10)
-    root = make_project(tmp_path / "project", str(images), None, tiny_backbone)
+    (tmp_path / "project").mkdir()
+    root = make_project(tmp_path / "project", str(images), None, save_blocks_backbone(tmp_path / "blocks"))
     set_params(root, **{"augment.copies": 2, "export.tflite": False, "export.registered_model_name": None})
     first = run(root, "dvc", "repro")
     assert ran_stages(first) == ["download", "split", "bottlenecks", "train", "finetune", "evaluate", "export"]

@@ -110,7 +110,7 @@ def project(tmp_path_factory, server, images, tiny_backbone, mlflow_server):
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
     root = project["root"]
-    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "train", "evaluate", "export"]
+    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "train", "finetune", "evaluate", "export"]
     assert (root / "data/raw/flowers/red").is_dir()
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["computed"] == 48 and stats["cache_hits"] == 0
@@ -180,4 +180,4 @@ def test_learning_rate_change_reruns_only_the_head(project):
     root = project["root"]
     set_params(root, **{"train.learning_rate": 0.02})
     result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])
-    assert ran_stages(result) == ["train", "evaluate", "export"]
+    assert ran_stages(result) == ["train", "finetune", "evaluate", "export"]  # finetune (off) only notes it
