@@ -7,13 +7,12 @@ the top-k labels. A user needs TensorFlow and nothing of this project to serve i
 `labels.txt` and a TFLite model of the float-image signature.
 """
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from retrain.atomic import atomic_dir
 from retrain.errors import RetrainError
 from retrain.images import decode_image, resize_image
 
@@ -80,10 +79,7 @@ def build_classifier(backbone, dense_layers, labels: list[str], top_k: int) -> C
 
 def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None:
     """Write out_dir/saved_model, out_dir/labels.txt and (optionally) out_dir/model.tflite atomically."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir) as temp:
         signatures = {
             "serving_default": classifier.serve.get_concrete_function(),
             "classify_images": classifier.classify_images.get_concrete_function(),
@@ -94,12 +90,6 @@ def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None
         (temp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         if tflite:
             (temp / "model.tflite").write_bytes(_to_tflite(classifier))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        temp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 def _to_tflite(classifier: Classifier) -> bytes:

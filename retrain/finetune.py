@@ -14,8 +14,6 @@ TensorFlow places it: the CPU here, a GPU where one exists.
 """
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from retrain import paths
+from retrain.atomic import atomic_dir
 from retrain.augment import image_dataset, view_seed
 from retrain.errors import RetrainError
 from retrain.features import Example, class_names
@@ -149,17 +148,8 @@ def write_split_features(backbone, examples: list[Example], out_dir: Path, batch
 
 def save_backbone(backbone, path: Path) -> None:
     """Save the (fine-tuned) backbone module as a SavedModel, atomically; load it with load_backbone."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-backbone-"))
-    try:
+    with atomic_dir(path) as temp:
         tf.saved_model.save(backbone.module, str(temp), signatures=dict(getattr(backbone.module, "signatures", {})) or None)
-        if path.exists():
-            shutil.rmtree(path)
-        temp.rename(path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 def finetuned() -> bool:

@@ -100,3 +100,20 @@ def make_zip(src_dir, zip_path, arcname=None) -> Path:
         for path in sorted(src_dir.rglob("*")):
             zf.write(path, f"{top}/{path.relative_to(src_dir).as_posix()}")
     return zip_path
+
+
+def split_examples(root, splits, size=(40, 40)):
+    """split.csv rows (retrain.features.Example) for generated class folders under root.
+
+    splits: the split of each class's i-th image, e.g. ["train", "train", "validation", "test"];
+    one image per entry is written in every class.
+    """
+    from retrain.download import file_sha256
+    from retrain.features import Example
+
+    written = make_class_folders(root, per_class=len(splits), size=size)
+    return [
+        Example(str(path), label, splits[i], file_sha256(path))
+        for label, files in written.items()
+        for i, path in enumerate(files)
+    ]

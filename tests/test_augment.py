@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagegen import make_class_folders
+from imagegen import split_examples
 from retrain.augment import augment_image, compute_views, params_digest, view_seed, write_views_array
 from retrain.backbones import load_backbone
-from retrain.download import file_sha256
-from retrain.features import Example, FeatureCache, compute_features, load_split_arrays, write_split_arrays
+from retrain.features import FeatureCache, compute_features, load_split_arrays, write_split_arrays
 from retrain.params import AugmentParams
 
 AUGMENT = AugmentParams(copies=3, crop_area_min=0.4, flip=True, brightness=0.3)
@@ -16,12 +15,7 @@ AUGMENT = AugmentParams(copies=3, crop_area_min=0.4, flip=True, brightness=0.3)
 
 @pytest.fixture
 def examples(tmp_path):
-    written = make_class_folders(tmp_path / "images", per_class=4, size=(48, 40))
-    return [
-        Example(str(path), label, ["train", "train", "validation", "test"][i], file_sha256(path))
-        for label, files in written.items()
-        for i, path in enumerate(files)
-    ]
+    return split_examples(tmp_path / "images", ["train", "train", "validation", "test"], size=(48, 40))
 
 
 @pytest.fixture

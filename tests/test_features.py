@@ -3,20 +3,14 @@
 import numpy as np
 import pytest
 
-from imagegen import make_class_folders
+from imagegen import split_examples
 from retrain.backbones import load_backbone
-from retrain.download import file_sha256
 from retrain.features import Example, FeatureCache, compute_features, load_split_arrays, write_split_arrays
 
 
 @pytest.fixture
 def examples(tmp_path):
-    written = make_class_folders(tmp_path / "images", per_class=4, size=(40, 40))
-    rows = []
-    for label, files in written.items():
-        for i, path in enumerate(files):
-            rows.append(Example(str(path), label, ["train", "train", "validation", "test"][i], file_sha256(path)))
-    return rows
+    return split_examples(tmp_path / "images", ["train", "train", "validation", "test"])
 
 
 def test_features_are_computed_once_then_read_from_cache(tmp_path, examples, tiny_backbone):

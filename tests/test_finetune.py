@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagegen import make_class_folders
+from imagegen import make_class_folders, split_examples
 from retrain.backbones import load_backbone
-from retrain.download import file_sha256
 from retrain.errors import RetrainError
-from retrain.features import Example
 from retrain.finetune import finetune, save_backbone, unfrozen_blocks, variable_blocks
 from retrain.head import build_head
 from retrain.params import AugmentParams, FinetuneParams, load_params
@@ -46,12 +44,7 @@ def save_blocks_backbone(path, size=32):
 
 @pytest.fixture
 def examples(tmp_path):
-    written = make_class_folders(tmp_path / "images", per_class=4, size=(40, 40))
-    return [
-        Example(str(path), label, ["train", "train", "train", "validation"][i], file_sha256(path))
-        for label, files in written.items()
-        for i, path in enumerate(files)
-    ]
+    return split_examples(tmp_path / "images", ["train", "train", "train", "validation"])
 
 
 def test_finetuning_changes_only_the_unfrozen_blocks(tmp_path, examples):

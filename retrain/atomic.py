@@ -1,0 +1,23 @@
+"""Folders written whole or not at all, so a killed stage never leaves half an output behind."""
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield an empty temporary folder beside `path`; fill it. On success it replaces `path` whole;
+    on any error (or Ctrl-C) it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        yield temp
+        if path.exists():
+            shutil.rmtree(path)
+        temp.rename(path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
