@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from retrain.errors import RetrainError
-from retrain.features import Example, FeatureCache, class_names
+from retrain.features import Example, FeatureCache, class_names, fill_cache
 from retrain.images import decode_image, resize_image
 from retrain.params import AugmentParams
 
@@ -98,15 +97,9 @@ def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams
     stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing), "augmented_computed": 0}
     started = time.perf_counter()
     if missing:
-        features = tf.function(backbone.features)
         paths, seeds = zip(*missing.values())
         dataset = image_dataset(paths, backbone.image_size, batch_size, params, seeds, extra=[list(missing)])
-        with tqdm(total=len(missing), unit="view", desc="augmented views", mininterval=1.0) as bar:
-            for images, keys in dataset:
-                for key, vector in zip(keys.numpy(), features(images).numpy()):
-                    cache.put(key.decode(), vector)
-                stats["augmented_computed"] += len(keys)
-                bar.update(len(keys))
+        stats["augmented_computed"] = fill_cache(dataset, backbone, cache, len(missing), "augmented views")
     stats["augmented_seconds"] = round(time.perf_counter() - started, 3)
     return stats
 

@@ -152,20 +152,29 @@ def compute_features(examples: list[Example], backbone, cache: FeatureCache, bat
     stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
     started = time.perf_counter()
     if missing:
-        features = tf.function(backbone.features)
         dataset = _image_dataset(list(missing.values()), list(missing), backbone.image_size, batch_size)
-        with ThreadPoolExecutor(max_workers=1) as writer, tqdm(
-            total=len(missing), unit="img", desc="bottlenecks", mininterval=1.0
-        ) as bar:
-            for images, shas in dataset:
-                vectors = features(images).numpy()
-                writer.submit(_put_batch, cache, [s.decode() for s in shas.numpy()], vectors)
-                bar.update(len(vectors))
-                stats["computed"] += len(vectors)
+        stats["computed"] = fill_cache(dataset, backbone, cache, len(missing), "bottlenecks")
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
     stats["images_per_second"] = round(stats["computed"] / seconds, 2) if stats["computed"] else 0.0
     return stats
+
+
+def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) -> int:
+    """Run the backbone over batches of (images [B,H,W,3], cache keys [B]) and store every vector.
+
+    Cache writes run on a background thread, overlapped with the next batch's inference.
+    Returns how many vectors were computed.
+    """
+    features = tf.function(backbone.features)
+    computed = 0
+    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total, unit="img", desc=desc, mininterval=1.0) as bar:
+        for images, keys in batches:
+            vectors = features(images).numpy()
+            writer.submit(_put_batch, cache, [key.decode() for key in keys.numpy()], vectors)
+            bar.update(len(vectors))
+            computed += len(vectors)
+    return computed
 
 
 def _put_batch(cache: FeatureCache, shas: list[str], vectors: np.ndarray) -> None:
