@@ -51,13 +51,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_serving(url: str, process, log: Path, timeout_s: float) -> None:
+    """Poll url until it answers; RuntimeError with the log's tail if the process dies or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback with a SQLite backend; yields its tracking URI."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -68,16 +82,11 @@ def mlflow_server(tmp_path_factory):
         stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_until_serving(f"{uri}/health", process, folder / "server.log", timeout_s=120)
+    except RuntimeError:
+        process.kill()
+        raise
     yield uri
     process.terminate()
     process.wait(timeout=30)

@@ -100,7 +100,15 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, server, images, tiny_backbone, mlflow_server):
+def own_feature_cache(tmp_path_factory):
+    """This module counts computed features, so it starts from an empty cache of its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RETRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, own_feature_cache, server, images, tiny_backbone, mlflow_server):
     """The pipeline run once with `dvc repro`, logging to a real MLflow server."""
     served, url = server
     root = make_project(tmp_path_factory.mktemp("project"), f"{url}/flowers.tgz", publish(images, served), tiny_backbone)

@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import mlflow
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until_serving
 from imagegen import image_bytes, make_class_folders
 from test_pipeline import BIN, CLASSES, make_project, publish, run, set_params
 
@@ -50,16 +49,8 @@ def server(store, tmp_path_factory):
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
+        wait_until_serving(f"{url}/ping", process, log, timeout_s=300)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
