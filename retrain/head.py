@@ -62,10 +62,14 @@ def train_head(
     set_seed(seed)
     (x_train, y_train), (x_val, y_val) = train, validation
     model = build_head(x_train.shape[1], num_classes, params)
+    steps_per_epoch = -(-len(y_train) // params.batch_size)
     model.compile(
-        optimizer=_optimizer(params, params.epochs * -(-len(y_train) // params.batch_size)),
+        optimizer=_optimizer(params, params.epochs * steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
         metrics=["accuracy"],
+        # A whole epoch per call into TensorFlow: the same steps in the same order, without a
+        # Python round trip per batch of 64 (which cost more than the batch's math: 3.5x slower).
+        steps_per_execution=steps_per_epoch,
     )
     has_validation = len(y_val) > 0
     monitor = "val_loss" if has_validation else "loss"

@@ -78,20 +78,19 @@ def exif_orientation(contents):
     return tf.where(is_jpeg & has_exif & (value >= 1) & (value <= 8), value, 1)
 
 
+# EXIF orientation 1..8 as "transpose first (5-8)", then flip rows and/or columns: the same pixels
+# as PIL's ImageOps.exif_transpose. Two always-run ops on dynamic arguments, which pass an upright
+# image through untouched; a tf.switch_case over 8 branches cost more than the JPEG decode itself.
+_FLIPS = [[False, False, False], [False, True, False], [True, True, False], [True, False, False]]
+
+
 def _apply_orientation(image, orientation):
-    """Turn [H, W, 3] upright for EXIF orientation 1..8 (as PIL's ImageOps.exif_transpose)."""
+    """Turn [H, W, 3] upright for EXIF orientation 1..8 (as PIL's ImageOps.exif_transpose).
 
-    def transpose():
-        return tf.transpose(image, [1, 0, 2])
-
-    branches = [
-        lambda: image,  # 1: upright
-        lambda: tf.image.flip_left_right(image),  # 2: mirrored
-        lambda: tf.image.rot90(image, 2),  # 3: upside down
-        lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
-        transpose,  # 5: mirrored, rotated
-        lambda: tf.image.rot90(image, 3),  # 6: camera turned clockwise: turn 90° clockwise
-        lambda: tf.image.rot90(transpose(), 2),  # 7: transverse
-        lambda: tf.image.rot90(image, 1),  # 8: camera turned anticlockwise
-    ]
-    return tf.switch_case(orientation - 1, branches, default=branches[0])
+    1 upright, 2 mirrored, 3 upside down, 4 mirrored upside down; 5-8 are 1-4 of the transposed
+    image (5 transpose, 6 turned 90° clockwise, 7 transverse, 8 turned 90° anticlockwise).
+    """
+    index = orientation - 1
+    perm = tf.where(index >= 4, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
+    flips = tf.gather(tf.constant(_FLIPS), index % 4)
+    return tf.raw_ops.Reverse(tensor=tf.transpose(image, perm), dims=flips)
