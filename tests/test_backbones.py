@@ -44,7 +44,7 @@ def state_dict():
     return load_state_dict(efficientnet_lite.weights_file())
 
 
-LITE_SIZE = (288, 288)  # efficientnet_lite0's default input size
+LITE_SIZE = (256, 256)  # efficientnet_lite0's default input size
 
 
 def photo(image, size=LITE_SIZE):
@@ -227,7 +227,7 @@ def test_folder_without_saved_model_is_refused(tmp_path):
 
 def test_fixed_size_module_refuses_another_size(lite):
     folder = efficientnet_lite.saved_model_dir(image_size=LITE_SIZE)  # a SavedModel folder: fixed size
-    with pytest.raises(RetrainError, match="takes 288x288 images, not 300x300"):
+    with pytest.raises(RetrainError, match="takes 256x256 images, not 300x300"):
         load_backbone(folder, image_size=(300, 300))
 
 

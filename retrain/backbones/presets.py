@@ -30,7 +30,7 @@ class Preset(NamedTuple):
 
 
 PRESETS = {p.name: p for p in [
-    Preset(EMBEDDED, "", (288, 288), 1280),  # trained at 224; any size (efficientnet_lite.IMAGE_SIZE)
+    Preset(EMBEDDED, "", (256, 256), 1280),  # trained at 224; any size (efficientnet_lite.IMAGE_SIZE)
     Preset("mobilenet_v2_100_224",
            "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
            (224, 224), 1280),
