@@ -9,6 +9,7 @@ lifetime and peak RSS, so `dvc`'s own start-up is not charged to a stage.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -120,7 +121,7 @@ def polled(cwd: Path, command: list[str], marker: str) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-4000:]}")
     return {"wall_s": round(wall, 2), "stage_s": round(stage["last"] - stage["first"], 2) if stage["first"] else None,
-            "peak_rss_mb": round(stage["peak_rss"] / 2**20, 1), "ran": ran_stages(_Result(output))}
+            "peak_rss_mb": round(stage["peak_rss"] / 2**20, 1), "ran": ran_stages(_Result(output)), "log": output[-2000:]}
 
 
 class _Result:  # ran_stages reads .stdout
@@ -161,6 +162,7 @@ def pipeline_figures(images: Path, work: Path, cache: Path) -> dict:
     print("B: train ...", flush=True)
     out["train"] = polled(root, ["dvc", "repro", "train"], "stages/train.py")
     out["train"]["epochs"] = sum(1 for _ in open(root / "data/train/history.csv")) - 1
+    out["train"]["fit_s"] = float(re.search(r"head trained for \d+ epochs in ([0-9.]+) s", out["train"]["log"]).group(1))
     print("B: evaluate + export ...", flush=True)
     out["evaluate_export_s"], _ = timed(root, "dvc", "repro")
     out["test_accuracy"] = json.loads((root / "data/evaluate/metrics.json").read_text()).get("accuracy")

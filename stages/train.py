@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 
 import keras
 import mlflow
@@ -36,14 +37,16 @@ def train():
             mlflow.log_metrics({f"bottlenecks_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
         # Weight histograms every 10th epoch: each costs ~0.15 s, more than an epoch of training.
         board = keras.callbacks.TensorBoard(str(paths.LOGS_DIR / run_name), histogram_freq=10)
+        started = time.perf_counter()
         model, history = train_head(
             (x_train, y_train), (x_val, y_val), len(labels), params.train, params.seed,
             callbacks=[tracking.EpochLogger(), board],
         )
+        seconds = time.perf_counter() - started
         save_head(model, paths.HEAD)
         _write_history(history)
-        mlflow.log_metric("epochs_trained", len(history["loss"]))
-    print(f"head trained for {len(history['loss'])} epochs; MLflow run {run_id} ({run_name})")
+        mlflow.log_metrics({"epochs_trained": len(history["loss"]), "train_seconds": round(seconds, 3)})
+    print(f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run_id} ({run_name})")
 
 
 def _write_history(history: dict[str, list[float]]) -> None:
