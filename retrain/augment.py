@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.errors import RetrainError
-from retrain.features import Example, FeatureCache, class_names, fill_cache
+from retrain.features import Example, FeatureCache, batched, class_names, fill_cache
 from retrain.images import decode_image, resize_image
 from retrain.params import AugmentParams
 
@@ -76,7 +76,7 @@ def image_dataset(paths, image_size, batch_size: int, params: AugmentParams | No
 
     dataset = tf.data.Dataset.from_tensor_slices((list(paths), seeds, *extra))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return batched(dataset, batch_size)
 
 
 def views_of(examples: list[Example], params: AugmentParams, seed: int) -> list[tuple[Example, int, str]]:

@@ -53,3 +53,16 @@ def _pixels(path, size):
     from retrain.images import decode_image, resize_image
 
     return resize_image(decode_image(tf.io.read_file(path)), size).numpy()
+
+
+def test_image_pipelines_run_without_the_autotuner(tmp_path, examples):
+    # With tf.data's autotuner on, deleting a finished iterator stalled the caller 2-5 s in about
+    # a third of runs (see retrain.features.batched); both image pipelines must keep it off.
+    from retrain.augment import image_dataset
+    from retrain.features import _image_dataset
+
+    paths = [e.path for e in examples[:4]]
+    for dataset in (_image_dataset(paths, [e.sha256 for e in examples[:4]], (32, 32), 2),
+                    image_dataset(paths, (32, 32), 2)):
+        assert dataset.options().autotune.enabled is False
+        assert sum(len(batch[0]) for batch in dataset) == 4
