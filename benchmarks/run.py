@@ -8,7 +8,8 @@ figures measured in this same run, so a machine shared with other work still com
      in-memory tensors at its best batch size, decode+resize alone, the bottlenecks compute path
      (`compute_features`, cold cache), a retrain.py-style loop and the Keras tutorial way.
   B. A temporary git + DVC project (tests/test_pipeline.py's `make_project`) on the whole set with
-     efficientnet_lite0: cold bottlenecks stage (images/s, peak RSS), train, a no-op `dvc repro`,
+     efficientnet_lite0: cold bottlenecks stage (images/s, peak RSS; part A's ceiling measured
+     again just before and after it), train, a no-op `dvc repro`,
      10 new images, the same set 4x (copies with distinct bytes) for memory growth.
   C. The exported model: SavedModel and TFLite throughput, cold `retrain predict one.jpg`.
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         result = {"machine": machine(), "data": source, "command": " ".join(["benchmarks/run.py", *sys.argv[1:]])}
         cache = project.bench_cache(work / "cache")  # fresh feature cache, converted backbone reused
         result["compare"] = measure.side_by_side(images, args.compare_images, args.rounds, work / "compare")
-        result["pipeline"] = project.pipeline_figures(images, work, cache)
+        ceiling_now = result["compare"].pop("_ceiling_now")
+        result["pipeline"] = project.pipeline_figures(images, work, cache, ceiling_now)
         result["predict"] = measure.predict_figures(result["pipeline"].pop("_project"), images, args.compare_images)
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["total_s"] = round(time.time() - started, 1)

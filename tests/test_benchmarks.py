@@ -19,4 +19,4 @@ def test_the_benchmark_harness_runs_on_generated_images(tmp_path):
     assert "generated JPEGs" in result.stdout and "| figure | value | target |" in result.stdout
     saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["pipeline"]["incremental"]["stats"]["computed"] == 10
-    assert {row["pass"] for row in saved["table"]} <= {True, False, None} and len(saved["table"]) == 18
+    assert {row["pass"] for row in saved["table"]} <= {True, False, None} and len(saved["table"]) == 19
