@@ -4,18 +4,19 @@ Real photos: ../shared/data/flower_photos.tgz (2,400 JPEGs), extracted to a temp
 without it (a user's clone) generated JPEGs stand in, and the table says so. Targets are ratios of
 figures measured in this same run, so a machine shared with other work still compares like with like.
 
-  A. In process, on one subset, in interleaved rounds (best of rounds): the backbone alone on
-     in-memory tensors at its best batch size, decode+resize alone, the bottlenecks compute path
-     (`compute_features`, cold cache), a retrain.py-style loop and the Keras tutorial way.
+  A. In process, on one subset, in interleaved rounds (ratios within a round, median over rounds):
+     the backbone alone on in-memory tensors at its best batch size, decode+resize alone, the
+     bottlenecks compute path (`compute_features`, cold cache), a retrain.py-style loop and the
+     Keras tutorial way.
   B. A temporary git + DVC project (tests/test_pipeline.py's `make_project`) on the whole set with
      efficientnet_lite0: cold bottlenecks stage (images/s, peak RSS; part A's ceiling measured
-     again just before and after it), train, a no-op `dvc repro`,
-     10 new images, the same set 4x (copies with distinct bytes) for memory growth.
+     again just before and after it), train, a no-op `dvc repro`, 10 new images, the same set 4x
+     (copies with distinct bytes) for memory growth.
   C. The exported model: SavedModel and TFLite throughput, cold `retrain predict one.jpg`.
 
 Prints a table with a PASS/FAIL column and writes benchmarks/results/run-<time>.json (and latest.json).
 
-    .venv/bin/python benchmarks/run.py [--images 400] [--quick] [--rounds 3] [--compare-images 320]
+    .venv/bin/python benchmarks/run.py [--images 400] [--quick] [--rounds 5] [--compare-images 320]
 """
 
 import argparse
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="use only this many images (default: all)")
     parser.add_argument("--compare-images", type=int, default=320, help="subset for the side-by-side part A")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds in part A (best is kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds in part A (median of paired ratios)")
     parser.add_argument("--quick", action="store_true", help="a small run: 200 images, 64 compared, 1 round")
     parser.add_argument("--data", type=Path, default=REAL_DATA, help="flower_photos.tgz or a folder of class folders")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
