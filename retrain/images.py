@@ -29,7 +29,8 @@ def decode_image(contents):
     decodable image.
     """
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
-    image = _apply_orientation(image, exif_orientation(contents))
+    orientation = exif_orientation(contents)
+    image = tf.cond(orientation == 1, lambda: image, lambda: _apply_orientation(image, orientation))
     image.set_shape([None, None, 3])
     return image
 
@@ -44,18 +45,30 @@ def exif_orientation(contents):
     """EXIF Orientation (1..8) of JPEG bytes as an int32 scalar; 1 when absent or unreadable.
 
     Reads IFD0 of the first APP1 "Exif" segment with tensor ops (no Python), little or big endian.
+    Most photos carry no Exif segment (none of 400 flower photos sampled), so a cheap look for its
+    marker comes first; the full read cost about a quarter of decode+resize's CPU.
     """
-    head = tf.io.decode_raw(tf.strings.substr(contents, 0, _EXIF_SEGMENT_BYTES), tf.uint8)
-    size = tf.shape(head)[0]
-    head = tf.concat([head, tf.zeros([16], tf.uint8)], 0)  # reads past the end see zeros
-    window = tf.minimum(size, _EXIF_MARKER_WINDOW)
+    head = _padded_bytes(contents, _EXIF_MARKER_WINDOW + 10)
+    window = tf.minimum(tf.shape(head)[0] - 16, _EXIF_MARKER_WINDOW)
     # An APP1 marker (FF E1), a 2-byte length, then "Exif\0\0".
     found = tf.ones([window], tf.bool)
     for k, byte in enumerate([0xFF, 0xE1, None, None, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00]):
         if byte is not None:
             found &= head[k : k + window] == byte
-    has_exif = tf.reduce_any(found)
+    is_jpeg = (head[0] == 0xFF) & (head[1] == 0xD8)
     marker = tf.argmax(tf.cast(tf.concat([found, [False]], 0), tf.int32), output_type=tf.int32)
+    return tf.cond(is_jpeg & tf.reduce_any(found), lambda: _read_orientation(contents, marker), lambda: tf.constant(1))
+
+
+def _padded_bytes(contents, length):
+    """The first `length` bytes of contents as uint8, followed by 16 zeros (reads past the end see zeros)."""
+    return tf.concat([tf.io.decode_raw(tf.strings.substr(contents, 0, length), tf.uint8), tf.zeros([16], tf.uint8)], 0)
+
+
+def _read_orientation(contents, marker):
+    """Orientation from IFD0 of the Exif segment whose APP1 marker sits at byte `marker`."""
+    head = _padded_bytes(contents, _EXIF_SEGMENT_BYTES)
+    size = tf.shape(head)[0] - 16
     tiff = marker + 10  # TIFF header: byte order, 42, offset of IFD0
 
     def byte_at(offset):
@@ -74,8 +87,7 @@ def exif_orientation(contents):
     entries = ifd0 + 2 + 12 * tf.range(_MAX_IFD_ENTRIES)
     is_orientation = (u16(entries) == 0x0112) & (tf.range(_MAX_IFD_ENTRIES) < u16(ifd0))
     value = tf.reduce_max(tf.where(is_orientation, u16(entries + 8), 0))
-    is_jpeg = (size > 2) & (byte_at(0) == 0xFF) & (byte_at(1) == 0xD8)
-    return tf.where(is_jpeg & has_exif & (value >= 1) & (value <= 8), value, 1)
+    return tf.where((value >= 1) & (value <= 8), value, 1)
 
 
 # EXIF orientation 1..8 as "transpose first (5-8)", then flip rows and/or columns: the same pixels
