@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.errors import RetrainError
-from retrain.features import Example, FeatureCache, batched, class_names, fill_cache
+from retrain.features import Example, FeatureCache, batched, cached_vector, class_names, fill_cache, write_features_npz
 from retrain.images import decode_image, resize_image
 from retrain.params import AugmentParams
 
@@ -108,16 +108,11 @@ def write_views_array(examples, cache: FeatureCache, params: AugmentParams, seed
     """Write out_path (.npz: features float32 [V, D], labels int32 [V], paths, views int32 [V])."""
     index = {name: i for i, name in enumerate(class_names(examples))}
     rows = views_of(examples, params, seed)
-    vectors = []
-    for example, _, key in rows:
-        vector = cache.get(key)
-        if vector is None:
-            raise RetrainError(f"{example.path}: an augmented view could not be computed; did the file change? "
-                               "rerun `dvc repro`")
-        vectors.append(vector)
-    np.savez(
+    error = "{}: an augmented view could not be computed; did the file change? rerun `dvc repro`"
+    write_features_npz(
         out_path,
-        features=np.stack(vectors) if vectors else np.zeros((0, cache.feature_dim), np.float32),
+        (cached_vector(cache, key, error.format(example.path)) for example, _, key in rows),
+        (len(rows), cache.feature_dim),
         labels=np.array([index[e.label] for e, _, _ in rows], dtype=np.int32),
         paths=np.array([e.path for e, _, _ in rows], dtype=str),
         views=np.array([view for _, view, _ in rows], dtype=np.int32),

@@ -5,7 +5,7 @@ as a small .npy file, written to a temporary name and renamed, so a killed run n
 half-written entry and a damaged one is detected and recomputed. `compute_features` runs only the
 images the cache lacks through a tf.data pipeline (parallel read, decode and resize, batched
 backbone calls, cache writes on a background thread). `write_split_arrays` then gathers the
-per-split arrays the train and evaluate stages read.
+per-split arrays the train and evaluate stages read, streamed row by row from the cache to disk.
 """
 
 import csv
@@ -15,6 +15,7 @@ import io
 import os
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,25 +202,57 @@ def write_split_arrays(examples: list[Example], cache: FeatureCache, out_dir: Pa
     counts = {}
     for split in SPLITS:
         rows = [e for e in examples if e.split == split]
-        # Filled in place: peak memory is one copy of the split's array, not a list plus a stack.
-        features = np.empty((len(rows), cache.feature_dim), np.float32)
-        for i, example in enumerate(rows):
-            vector = cache.get(example.sha256)
-            if vector is None:
-                raise RetrainError(
-                    f"{example.path}: could not be decoded now though split accepted it; "
-                    "did it change? rerun `dvc repro`"
-                )
-            features[i] = vector
-        np.savez(
+        write_features_npz(
             out_dir / f"{split}.npz",
-            features=features,
+            (cached_vector(cache, e.sha256, f"{e.path}: {CHANGED}") for e in rows),
+            (len(rows), cache.feature_dim),
             labels=np.array([index[e.label] for e in rows], dtype=np.int32),
             paths=np.array([e.path for e in rows], dtype=str),
         )
         counts[split] = len(rows)
     (out_dir / "labels.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     return counts
+
+
+CHANGED = "could not be decoded now though split accepted it; did it change? rerun `dvc repro`"
+
+
+def cached_vector(cache: FeatureCache, key: str, error: str) -> np.ndarray:
+    """The cached vector of key; RetrainError(error) when the cache lacks it (its image failed to decode)."""
+    vector = cache.get(key)
+    if vector is None:
+        raise RetrainError(error)
+    return vector
+
+
+def write_features_npz(path: Path, vectors, shape: tuple[int, int], **arrays: np.ndarray) -> None:
+    """Write path as np.savez would (`features` float32 `shape`, then `arrays`), atomically and streamed.
+
+    `vectors` yields the rows of `features` one at a time: each goes straight to the file, so memory
+    holds one row, not the whole array plus np.savez's 16 MiB copy buffers. A killed or failed write
+    leaves the previous file (or none), never half of one.
+    """
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("features.npy", "w", force_zip64=True) as out:
+                header = {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
+                np.lib.format.write_array_header_1_0(out, header)
+                written = 0
+                for vector in vectors:
+                    out.write(np.asarray(vector, dtype="<f4").reshape(shape[1]).tobytes())
+                    written += 1
+                if written != shape[0]:
+                    raise ValueError(f"{path}: {written} feature rows written, {shape[0]} expected")
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def load_split_arrays(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -26,7 +26,7 @@ from retrain import paths
 from retrain.atomic import atomic_dir
 from retrain.augment import image_dataset, view_seed
 from retrain.errors import RetrainError
-from retrain.features import Example, class_names
+from retrain.features import Example, class_names, write_features_npz
 from retrain.head import set_seed
 from retrain.params import AugmentParams, FinetuneParams
 
@@ -143,7 +143,8 @@ def write_split_features(backbone, examples: list[Example], out_dir: Path, batch
     for split in ("validation", "test"):
         rows = [e for e in examples if e.split == split]
         vectors, labels = split_features(features, rows, index, backbone.image_size, batch_size)
-        np.savez(out_dir / f"{split}.npz", features=vectors, labels=labels, paths=np.array([e.path for e in rows], dtype=str))
+        write_features_npz(out_dir / f"{split}.npz", vectors, vectors.shape, labels=labels,
+                           paths=np.array([e.path for e in rows], dtype=str))
 
 
 def save_backbone(backbone, path: Path) -> None:

@@ -1,11 +1,15 @@
 """The feature cache: computed once per image content, atomic, damage detected."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from imagegen import split_examples
 from retrain.backbones import load_backbone
-from retrain.features import Example, FeatureCache, compute_features, load_split_arrays, write_split_arrays
+from retrain.errors import RetrainError
+from retrain.features import (Example, FeatureCache, compute_features, load_split_arrays, write_features_npz,
+                              write_split_arrays)
 
 
 @pytest.fixture
@@ -66,3 +70,34 @@ def test_image_pipelines_run_without_the_autotuner(tmp_path, examples):
                     image_dataset(paths, (32, 32), 2)):
         assert dataset.options().autotune.enabled is False
         assert sum(len(batch[0]) for batch in dataset) == 4
+
+
+def test_feature_arrays_stream_to_disk_and_read_back_as_np_savez_wrote_them(tmp_path):
+    rows = np.random.default_rng(0).standard_normal((4096, 1280)).astype(np.float32)  # 20 MiB
+    labels, names = np.arange(4096, dtype=np.int32) % 5, np.array([f"c/{i}.jpg" for i in range(4096)])
+    tracemalloc.start()
+    write_features_npz(tmp_path / "train.npz", (row.copy() for row in rows), rows.shape, labels=labels, paths=names)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < rows.nbytes / 10, f"writing held {peak / 2**20:.1f} MiB for a {rows.nbytes / 2**20:.0f} MiB array"
+    np.savez(tmp_path / "reference.npz", features=rows, labels=labels, paths=names)
+    with np.load(tmp_path / "train.npz") as ours, np.load(tmp_path / "reference.npz") as reference:
+        assert list(ours.keys()) == list(reference.keys())
+        for key in reference:
+            assert ours[key].dtype == reference[key].dtype
+            np.testing.assert_array_equal(ours[key], reference[key])
+    write_features_npz(tmp_path / "empty.npz", iter(()), (0, 12), labels=np.zeros(0, np.int32))
+    assert np.load(tmp_path / "empty.npz")["features"].shape == (0, 12)
+
+
+def test_a_failed_feature_write_leaves_the_previous_file(tmp_path, examples, tiny_backbone):
+    backbone = load_backbone(str(tiny_backbone))
+    cache = FeatureCache(tmp_path / "cache", backbone.id, backbone.feature_dim)
+    compute_features(examples, backbone, cache, batch_size=8)
+    write_split_arrays(examples, cache, tmp_path / "features")
+    before = (tmp_path / "features" / "train.npz").read_bytes()
+    cache.path(next(e for e in examples if e.split == "train").sha256).unlink()
+    with pytest.raises(RetrainError, match="did it change"):
+        write_split_arrays(examples, cache, tmp_path / "features")
+    assert (tmp_path / "features" / "train.npz").read_bytes() == before
+    assert not list((tmp_path / "features").glob(".tmp-*"))
