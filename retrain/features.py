@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
 from retrain.images import PREPROCESSING_VERSION, decode_image, resize_image
 
@@ -111,6 +112,8 @@ class FeatureCache:
         if path.parent not in self._made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
+        # Not atomic_file: this runs once per image, and writing through mkstemp's own descriptor
+        # instead of reopening the file by name took 2,400 puts from 0.7-1.1 s to 0.18-0.34 s.
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
         try:
             with os.fdopen(handle, "wb") as out:
@@ -232,10 +235,7 @@ def write_features_npz(path: Path, vectors, shape: tuple[int, int], **arrays: np
     holds one row, not the whole array plus np.savez's 16 MiB copy buffers. A killed or failed write
     leaves the previous file (or none), never half of one.
     """
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    os.close(handle)
-    try:
+    with atomic_file(path, ".npz") as temp:
         with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("features.npy", "w", force_zip64=True) as out:
                 header = {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
@@ -249,10 +249,6 @@ def write_features_npz(path: Path, vectors, shape: tuple[int, int], **arrays: np
             for name, array in arrays.items():
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
                     np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def load_split_arrays(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

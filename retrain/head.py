@@ -5,14 +5,13 @@ Training needs no backbone and no images, so a sweep over head params costs seco
 run with TensorFlow op determinism: the same features and params give the same weights, bit for bit.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from retrain.atomic import atomic_file
 from retrain.params import TrainParams
 
 
@@ -94,14 +93,8 @@ def save_head(model: keras.Model, path: Path) -> None:
     """Save atomically: a killed train leaves the previous head or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".keras")
-    os.close(handle)
-    try:
+    with atomic_file(path, ".keras") as temp:
         model.save(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def load_head(path: Path) -> keras.Model:

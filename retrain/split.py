@@ -24,6 +24,7 @@ import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
+from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
 from retrain.images import decode_image
 
@@ -318,9 +319,7 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
     """Write atomically: a killed run leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, ".csv") as temp, open(temp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
