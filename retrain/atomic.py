@@ -4,6 +4,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -26,14 +27,16 @@ def atomic_dir(path: Path):
 
 @contextlib.contextmanager
 def atomic_file(path: Path, suffix: str = ""):
-    """Yield a temporary file's path beside `path` (its folder must exist); write it. On success it
-    replaces `path`; on any error (or Ctrl-C) it is removed and `path` is left as it was."""
+    """Yield an unused temporary path beside `path` (its folder must exist); create and write it. On
+    success it replaces `path`; on any error (or Ctrl-C) it is removed and `path` is left as it was.
+
+    The writer creates the file, so it gets the usual permissions (umask), not mkstemp's 0600.
+    """
     path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}{suffix}")
     try:
-        yield Path(temp)
+        yield temp
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise

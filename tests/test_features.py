@@ -101,3 +101,5 @@ def test_a_failed_feature_write_leaves_the_previous_file(tmp_path, examples, tin
         write_split_arrays(examples, cache, tmp_path / "features")
     assert (tmp_path / "features" / "train.npz").read_bytes() == before
     assert not list((tmp_path / "features").glob(".tmp-*"))
+    (tmp_path / "plain").write_text("")  # written arrays get the usual permissions, not a temp file's 0600
+    assert (tmp_path / "features" / "train.npz").stat().st_mode == (tmp_path / "plain").stat().st_mode
