@@ -13,7 +13,7 @@ from retrain.errors import RetrainError
 from retrain.finetune import finetune, save_backbone, unfrozen_blocks, variable_blocks
 from retrain.head import build_head
 from retrain.params import AugmentParams, FinetuneParams, load_params
-from test_pipeline import make_project, ran_stages, run, set_params
+from project import make_project, ran_stages, run, set_params
 
 AUGMENT = AugmentParams(copies=0, crop_area_min=0.6, flip=True, brightness=0.1)
 FINETUNE = FinetuneParams(enabled=True, blocks=2, epochs=2, learning_rate=0.01, batch_size=4)

@@ -6,90 +6,24 @@ split, cached bottlenecks, training, evaluation, export, MLflow, `retrain predic
 thing. The tests run in file order and share one project.
 """
 
-import functools
-import http.server
 import json
 import os
-import shutil
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-import yaml
 
-from imagegen import image_bytes, make_class_folders, make_tgz
-from retrain.download import file_sha256
+from imagegen import image_bytes, make_class_folders
+from project import CLASSES, make_project, publish, ran_stages, run, serve_folder, set_params
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CLASSES = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     served = tmp_path_factory.mktemp("served")
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def run(cwd: Path, *command: str, check: bool = True, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
-
-
-def set_params(root: Path, **changes) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def publish(images: Path, served: Path) -> str:
-    """Pack the image folder as flowers.tgz where the server serves it; return its sha256."""
-    return file_sha256(make_tgz(images, served / "flowers.tgz", arcname="flowers"))
-
-
-def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
-    """A git + DVC repo holding this project's pipeline, pointed at the served archive."""
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("stages", "retrain"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(root, **{
-        "data.url": url, "data.sha256": sha, "data.testing_percentage": 25,
-        "data.validation_percentage": 20, "backbone.name": str(backbone),
-        "train.learning_rate": 0.05, "train.epochs": 40, "train.early_stopping_patience": 10,
-        "evaluate.top_k": [1, 2], "export.top_k": 2,
-    })
-    run(root, "git", "init", "-q")
-    run(root, "dvc", "init", "-q")
-    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
-    return root
+    with serve_folder(served) as url:
+        yield served, url
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from imagegen import image_bytes, jpeg_with_orientation, make_class_folders, png_16bit_bytes, png_header_only
-from test_pipeline import REPO, make_project, run, set_params
+from project import REPO, make_project, run, set_params
 
 CLASSES = {"red": (230, 20, 20), "blue": (30, 40, 230)}
 

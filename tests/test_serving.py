@@ -17,7 +17,7 @@ import pytest
 
 from conftest import free_port, wait_until_serving
 from imagegen import image_bytes, make_class_folders
-from test_pipeline import BIN, CLASSES, make_project, publish, run, set_params
+from project import BIN, CLASSES, make_project, publish, run, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from imagegen import make_class_folders
-from test_pipeline import CLASSES, make_project, publish, ran_stages, run, set_params
+from project import CLASSES, make_project, publish, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow
 
