@@ -7,9 +7,7 @@ thing. The tests run in file order and share one project.
 """
 
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
