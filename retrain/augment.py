@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.errors import RetrainError
-from retrain.features import Example, FeatureCache, batched, cached_vector, class_names, fill_cache, write_features_npz
-from retrain.images import decode_image, resize_image
+from retrain.features import (Example, FeatureCache, cached_vector, class_names, fill_cache, image_dataset,
+                              write_features_npz)
 from retrain.params import AugmentParams
 
 # Bump when `augment_image` computes different pixels for the same params and seeds.
@@ -58,25 +58,13 @@ def augment_image(image, seed, params: AugmentParams):
     return image
 
 
-def image_dataset(paths, image_size, batch_size: int, params: AugmentParams | None = None, seeds=None, extra=()):
-    """Batches of (float32 [B, H, W, 3] in [0, 1] images, *extra columns), in the order given.
-
-    With `params`, image i is augmented with seeds[i] (int32 [2], see `view_seed`); without, it is
-    decoded and resized exactly as the bottlenecks stage does. extra: more per-image columns to
-    pass through (cache keys, labels). Unreadable files are skipped, as in `retrain.features`.
-    """
-    seeds = np.zeros((len(paths), 2), np.int32) if seeds is None else np.asarray(seeds, np.int32).reshape(-1, 2)
-
+def augmenter(params: AugmentParams):
+    """`augment_image` with these params, as `retrain.features.image_dataset`'s transform."""
     @tf.autograph.experimental.do_not_convert  # plain TF ops; `params` is a Python choice
-    def load(path, seed, *rest):
-        image = decode_image(tf.io.read_file(path))
-        if params is not None:
-            image = augment_image(image, seed, params)
-        return (resize_image(image, image_size), *rest)
+    def transform(image, seed):
+        return augment_image(image, seed, params)
 
-    dataset = tf.data.Dataset.from_tensor_slices((list(paths), seeds, *extra))
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    return batched(dataset, batch_size)
+    return transform
 
 
 def views_of(examples: list[Example], params: AugmentParams, seed: int) -> list[tuple[Example, int, str]]:
@@ -92,13 +80,13 @@ def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams
     """
     views, missing = views_of(examples, params, seed), {}
     for example, view, key in views:
-        if key not in missing and cache.get(key) is None:
+        if key not in missing and not cache.has(key):
             missing[key] = (example.path, view_seed(seed, example.sha256, view))
     stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing), "augmented_computed": 0}
     started = time.perf_counter()
     if missing:
         paths, seeds = zip(*missing.values())
-        dataset = image_dataset(paths, backbone.image_size, batch_size, params, seeds, extra=[list(missing)])
+        dataset = image_dataset(paths, backbone.image_size, batch_size, augmenter(params), seeds, extra=[list(missing)])
         stats["augmented_computed"] = fill_cache(dataset, backbone, cache, len(missing), "augmented views")
     stats["augmented_seconds"] = round(time.perf_counter() - started, 3)
     return stats

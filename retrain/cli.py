@@ -1,4 +1,4 @@
-"""The `retrain` command line: `retrain backbones` and `retrain predict`.
+"""The `retrain` command line: `retrain backbones`, `retrain predict` and `retrain promote`.
 
 The pipeline itself runs through `dvc repro`; these are the commands a user types around it.
 """
@@ -20,7 +20,23 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--category_names", default=None, help="JSON object: label or 1-based index → display name")
     predict.add_argument("--show", action="store_true", help="draw each image with its prediction")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = commands.add_parser("promote", help="register an experiment's logged model in the MLflow registry with an alias")
+    promote.add_argument("experiment", help="a DVC experiment name (dvc exp show), an MLflow run id, or `workspace`")
+    promote.add_argument("--alias", default="champion", help="registry alias to point at the new version (default: champion)")
+    promote.add_argument("--name", default=None, help="registered model name (default: params.yaml tracking.registered_model)")
     return parser
+
+
+def _promote(args) -> int:
+    from retrain import tracking
+    from retrain.params import load_params
+
+    params = load_params()
+    name = args.name or params.tracking.registered_model
+    run_name, version = tracking.promote(args.experiment, args.alias, name, params.tracking.experiment)
+    print(f"registered {name} version {version} from run {run_name} as @{args.alias}; serve it with:\n"
+          f"  mlflow models serve -m models:/{name}@{args.alias} --env-manager local -p 5001")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print_presets()
             return 0
+        if args.command == "promote":
+            return _promote(args)
         from retrain.predict import run
 
         return run(args)

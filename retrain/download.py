@@ -4,21 +4,30 @@
 `cache_dir/downloads/<key>.part` (resumed with an HTTP Range request after an interruption,
 retried with exponential backoff), checked against its sha256, and only then renamed to its final
 cached name, so the final name never holds a partial or unverified file and a complete archive is
-never downloaded twice. Archives are extracted into a temporary folder inside `raw_dir` and renamed
-into place only when every entry was safe: an entry that would land outside `raw_dir` (absolute
-path, `..`, a link pointing out) or a device file stops the stage and leaves nothing behind.
+never downloaded twice. Archives (.tgz, .tar, .tar.bz2, .tar.xz, .zip, told apart by their first
+bytes) are extracted into a temporary folder inside `raw_dir` and renamed into place only when
+every entry was safe: an entry that would land outside `raw_dir` (absolute path, `..`, a link
+pointing out), a device file, a fifo or a duplicate name stops the stage and leaves nothing behind;
+so does crossing one of the `Limits` (bytes downloaded, bytes extracted, entries, compression
+ratio), which are counted while streaming, before anything is written past them. Archives inside
+the archive are not extracted (said so on stderr). A folder source is copied without following
+links that point out of it and without opening fifos, sockets or devices.
 """
 
 import hashlib
+import lzma
 import os
 import posixpath
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import time
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
@@ -27,16 +36,40 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from retrain.errors import RetrainError
+from retrain.errors import NO_SPACE_ERRNOS, RetrainError
 
 DEFAULT_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 DEFAULT_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
+# Names that are archives themselves: kept out of raw_dir (split could not use them anyway).
+NESTED_ARCHIVE_SUFFIXES = (*ARCHIVE_SUFFIXES, ".gz", ".bz2", ".xz", ".7z", ".rar", ".zst")
 OFFLINE_HINT = "point data.url at a local copy: dvc exp run -S data.url=/path/to/flower_photos.tgz"
 _CHUNK_BYTES = 1 << 20
 # Errors worth another try: the connection broke or the server had a bad moment.
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# What a damaged .tgz / .tar.xz / .zip raises besides its module's own error (bzip2 raises OSError).
+_DECOMPRESS_ERRORS = (EOFError, zlib.error, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one dataset may cost, each checked while streaming; the params that set them.
+
+    The defaults admit the official flower archive (229 MB, 3,670 photos, ratio 1.0) and Oxford
+    102 (330 MB, 8,189 photos) with room to spare, and stop a zip or gzip of zeros (ratio ~1000).
+    """
+
+    download_bytes: int = 2_000_000_000  # data.max_download_bytes: bytes one download may fetch
+    extracted_bytes: int = 5_000_000_000  # data.max_extracted_bytes: bytes written into raw_dir
+    entries: int = 100_000  # data.max_archive_entries: files, folders and links in the dataset
+    compression_ratio: float = 100.0  # data.max_compression_ratio: extracted bytes / archive bytes
+
+    @classmethod
+    def of(cls, data) -> "Limits":
+        """The limits set in params.yaml's `data:` section (a DataParams)."""
+        return cls(data.max_download_bytes, data.max_extracted_bytes, data.max_archive_entries,
+                   data.max_compression_ratio)
 
 
 class _TransientError(Exception):
@@ -52,20 +85,22 @@ def fetch_dataset(
     retries: int = 4,
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
+    limits: Limits = Limits(),
 ) -> Path:
-    """Put the dataset at `raw_dir/<name>` and return that folder.
+    """Put the dataset at `raw_dir/<name>` and return that folder; on success it is all raw_dir holds.
 
-    source: an http/https/file URL of a .tgz/.tar.gz/.tar/.zip archive, a local path to one, or a
-    local folder of class folders (copied). sha256: expected hex digest of the archive, or None to
-    skip the check (folders are never checked). <name> is the archive's single top-level folder
-    (e.g. flower_photos), else the archive's or folder's name without suffix. A download makes at
-    most `retries` attempts, sleeping backoff_s, 2*backoff_s, ... between them.
+    source: an http/https/file URL of an archive, a local path to one, or a local folder of class
+    folders (copied). sha256: expected hex digest of the archive, or None to skip the check
+    (folders are never checked). <name> is the archive's single top-level folder (e.g.
+    flower_photos), else the archive's or folder's name without suffix. A download makes at most
+    `retries` attempts, sleeping backoff_s, 2*backoff_s, ... between them. On any error raw_dir
+    is left as it was.
     """
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     scheme = urlparse(source).scheme.lower()
     if scheme in ("http", "https"):
-        archive = _cached_download(source, sha256, cache_dir, retries, backoff_s, timeout_s)
-        return _extract(archive, raw_dir, _archive_stem(urlparse(source).path))
+        archive = _cached_download(source, sha256, cache_dir, retries, backoff_s, timeout_s, limits)
+        return _extract(archive, raw_dir, _archive_stem(urlparse(source).path), limits, downloaded=True)
     if scheme == "file":
         path = Path(url2pathname(unquote(urlparse(source).path)))
     elif len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
@@ -75,17 +110,15 @@ def fetch_dataset(
     else:
         path = Path(source).expanduser()
     if path.is_dir():
-        return _copy_folder(path, raw_dir)
+        return _copy_folder(path, raw_dir, limits)
     if not path.is_file():
         raise RetrainError(
             f"data.url {source!r}: {path} does not exist; set data.url to an archive URL, archive or folder"
         )
     if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        raise RetrainError(f"data.url {path}: not a .tgz/.tar.gz/.tar/.zip archive or a folder of class folders")
+        raise RetrainError(f"data.url {path}: not a .tgz/.tar(.gz/.bz2/.xz)/.zip archive or a folder of class folders")
     _verify_sha256(path, sha256, remove_on_mismatch=False)
-    return _extract(path, raw_dir, _archive_stem(path.name))
-
-
+    return _extract(path, raw_dir, _archive_stem(path.name), limits, downloaded=False)
 def dataset_root(raw_dir: Path) -> Path:
     """The one dataset folder `fetch_dataset` left in raw_dir (what the split stage reads)."""
     raw_dir = Path(raw_dir)
@@ -130,7 +163,7 @@ def _verify_sha256(path: Path, expected: str | None, remove_on_mismatch: bool, o
 # --- download ----------------------------------------------------------------------------------
 
 
-def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s) -> Path:
+def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s, limits: Limits) -> Path:
     downloads = cache_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(urlparse(url).path)) or "archive"
@@ -142,7 +175,7 @@ def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s) -> P
         final.unlink()  # cached under an older expected checksum: fetch it again
     for attempt in range(max(1, retries)):
         try:
-            _download_once(url, part, timeout_s)
+            _download_once(url, part, timeout_s, limits)
             break
         except _TransientError as e:
             if attempt + 1 >= max(1, retries):
@@ -153,7 +186,7 @@ def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s) -> P
     return final
 
 
-def _download_once(url: str, part: Path, timeout_s: float) -> None:
+def _download_once(url: str, part: Path, timeout_s: float, limits: Limits) -> None:
     """Append the rest of `url` to `part`; raise _TransientError when a retry may help."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -176,9 +209,19 @@ def _download_once(url: str, part: Path, timeout_s: float) -> None:
                 offset = 0  # the server ignored Range: start over
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
-            _stream_to(response, part, offset, total, label=posixpath.basename(urlparse(url).path))
+            if total is not None and total > limits.download_bytes:  # refused before a byte lands
+                _over_download_limit(url, part, limits, f"the server announces {total} bytes")
+            _stream_to(response, part, offset, total, url, limits)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
         raise _TransientError(_short_reason(e)) from None
+
+
+def _over_download_limit(url: str, part: Path, limits: Limits, what: str) -> None:
+    part.unlink(missing_ok=True)
+    raise RetrainError(
+        f"{url}: {what}, over the {limits.download_bytes} byte limit (data.max_download_bytes); "
+        "nothing was kept; if the archive is really that big, raise data.max_download_bytes"
+    )
 
 
 def _resumes_at(response, offset: int) -> bool:
@@ -191,13 +234,17 @@ def _content_range_total(response) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _stream_to(response, part: Path, offset: int, total: int | None, label: str) -> None:
+def _stream_to(response, part: Path, offset: int, total: int | None, url: str, limits: Limits) -> None:
     written = offset
+    label = posixpath.basename(urlparse(url).path)
     with open(part, "ab" if offset else "wb") as f, tqdm(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False
     ) as bar:
         # Raw bytes: a server that labels a .tgz "Content-Encoding: gzip" must not get it unpacked.
         for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=False):
+            if written + len(chunk) > limits.download_bytes:  # a server that lies about its length
+                f.close()
+                _over_download_limit(url, part, limits, f"the server sent more than {written} bytes")
             f.write(chunk)
             written += len(chunk)
             bar.update(len(chunk))
@@ -218,20 +265,96 @@ def _short_reason(error: Exception) -> str:
     return (text.splitlines() or [type(error).__name__])[0][:200]
 
 
+# --- limits and notes --------------------------------------------------------------------------
+
+
+class _Budget:
+    """Counts the entries and bytes written for one dataset and stops at the first limit crossed.
+
+    Called before each entry is written and before each chunk of it, so a breach leaves at most
+    the bytes under the limit in the temporary folder (which the caller then removes).
+    """
+
+    def __init__(self, origin: Path, limits: Limits, archive_bytes: int | None):
+        self.origin, self.limits, self.archive_bytes = origin, limits, archive_bytes
+        self.entries = self.written = 0
+        self.skipped: list[tuple[str, str]] = []  # (entry, why): reported once, at the end
+
+    def entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.limits.entries:
+            self._breach(f"more than {self.limits.entries} entries", "data.max_archive_entries")
+
+    def add(self, nbytes: int) -> None:
+        self.written += nbytes
+        if self.written > self.limits.extracted_bytes:
+            self._breach(f"more than {self.limits.extracted_bytes} bytes", "data.max_extracted_bytes")
+        if self.archive_bytes is not None and self.written > self.limits.compression_ratio * self.archive_bytes:
+            ratio = f"{self.limits.compression_ratio:g}"
+            self._breach(f"more than {ratio} times its own {self.archive_bytes} bytes (a zip bomb?)",
+                         "data.max_compression_ratio")
+
+    def _breach(self, what: str, param: str) -> None:
+        raise RetrainError(f"{self.origin}: would extract {what}, over the limit {param}; the partial output "
+                           f"was removed and data/raw left as it was; if the data is trusted, raise {param}")
+
+    def report(self) -> None:
+        """One stderr line per kind of skipped entry, naming the first few."""
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped:
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            print(f"note: {self.origin}: skipped {len(names)} {why}: {shown}", file=sys.stderr)
+
+
+def _copy_stream(source, target: Path, budget: _Budget) -> None:
+    """Copy an open binary stream to a new file, counting every chunk against the budget first."""
+    with open(target, "xb") as out:
+        while chunk := source.read(_CHUNK_BYTES):
+            budget.add(len(chunk))
+            out.write(chunk)
+
+
+def _is_nested_archive(name: str) -> bool:
+    return name.lower().endswith(NESTED_ARCHIVE_SUFFIXES)
+
+
 # --- extraction --------------------------------------------------------------------------------
 
 
-def _extract(archive: Path, raw_dir: Path, stem: str) -> Path:
+def _extract(archive: Path, raw_dir: Path, stem: str, limits: Limits, downloaded: bool) -> Path:
+    kind = _archive_kind(archive, downloaded)
     raw_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=raw_dir))
+    budget = _Budget(archive, limits, archive.stat().st_size)
     try:
-        if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, tmp)
-        else:
-            _extract_tar(archive, tmp)
-        return _move_into_place(tmp, raw_dir, stem)
+        try:
+            (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp, budget)
+        except OSError as e:
+            if e.errno in NO_SPACE_ERRNOS:  # the disk, not the data: exit_on_error says so
+                raise
+            raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged, delete it and retry") from None
+        final = _move_into_place(tmp, raw_dir, stem)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    budget.report()
+    return final
+
+
+def _archive_kind(archive: Path, downloaded: bool) -> str:
+    """'zip' or 'tar' from the first bytes (tarfile itself tells gzip, bzip2 and xz apart)."""
+    with open(archive, "rb") as f:
+        head = f.read(1024)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        if downloaded:  # a cached error page would be served again on the next run
+            archive.unlink(missing_ok=True)
+        raise RetrainError(f"{archive} is an HTML page, not an archive (the server sent an error or login "
+                           "page?); open data.url in a browser, or point it at a local copy")
+    return "tar"
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -250,8 +373,27 @@ def _link_escapes(entry: str, target: str, relative_to_entry: bool) -> bool:
     return posixpath.normpath(posixpath.join(base, target)).split("/")[0] == ".."
 
 
-def _tar_filter(archive: Path):
-    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+def _refuse(archive: Path, name: str, reason: str):
+    raise RetrainError(f"unsafe entry {name!r} in {archive} ({reason}); nothing was extracted")
+
+
+class _Names:
+    """Entry names seen so far, normalised ('a//b', './a/b' and 'a/b' are one file)."""
+
+    def __init__(self, archive: Path):
+        self.archive, self.seen = archive, {}
+
+    def add(self, name: str, is_dir: bool) -> None:
+        key = posixpath.normpath(name.replace("\\", "/"))
+        if key in self.seen and not (is_dir and self.seen[key]):  # the second would overwrite the first
+            _refuse(self.archive, name, "duplicate entry name: a later entry would overwrite an earlier one")
+        self.seen[key] = is_dir
+
+
+def _tar_filter(archive: Path, budget: _Budget):
+    names = _Names(archive)
+
+    def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         reason = _unsafe_name(member.name)
         if member.issym() and _link_escapes(member.name, member.linkname, relative_to_entry=True):
             reason = f"symlink to {member.linkname!r} outside the archive"
@@ -264,45 +406,78 @@ def _tar_filter(archive: Path):
                 safe = tarfile.data_filter(member, dest)  # second line of defence, from the stdlib
             except tarfile.FilterError as e:
                 reason = str(e)
-            else:  # whatever modes the archive carries, its owner can read and later delete it
-                if safe.mode is None:  # links: no mode of their own
-                    return safe
-                return safe.replace(mode=safe.mode | (0o700 if safe.isdir() else 0o600), deep=False)
-        raise RetrainError(f"unsafe entry {member.name!r} in {archive} ({reason}); nothing was extracted")
+        if reason is not None:
+            _refuse(archive, member.name, reason)
+        names.add(member.name, member.isdir())
+        budget.entry()
+        if member.isfile() and _is_nested_archive(member.name):
+            budget.skipped.append((member.name, "archive(s) inside the archive, not extracted"))
+            return None
+        budget.add(member.size if member.isfile() else 0)  # tar writes exactly member.size bytes
+        if safe.mode is None:  # links: no mode of their own
+            return safe
+        # Whatever modes the archive carries, its owner can read and later delete it.
+        return safe.replace(mode=safe.mode | (0o700 if safe.isdir() else 0o600), deep=False)
 
     return check
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
-    check = _tar_filter(archive)
+def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=check)  # one pass over the stream, checking each entry
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged, delete it and retry") from None
+            tar.extractall(dest, filter=_tar_filter(archive, budget))  # one pass over the stream
+    except (tarfile.TarError, *_DECOMPRESS_ERRORS) as e:
+        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged or not an archive, "
+                           "delete it and retry") from None
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _check_zip_entry(archive, zf, info)
-            zf.extractall(dest)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged, delete it and retry") from None
+            infos = zf.infolist()
+            wanted = [info for info in infos if _check_zip_entry(archive, zf, info, budget)]
+            names = _Names(archive)
+            for info in infos:
+                names.add(info.filename, info.is_dir())
+            for info in wanted:
+                _write_zip_entry(zf, info, dest, budget)
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, *_DECOMPRESS_ERRORS) as e:
+        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged or not an archive, "
+                           "delete it and retry") from None
 
 
-def _check_zip_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+def _check_zip_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> bool:
+    """Refuse an unsafe entry; False for one that is skipped (a link, an archive), True to extract."""
     mode = info.external_attr >> 16
     reason = _unsafe_name(info.filename)
     if stat.S_ISLNK(mode):
-        target = zf.read(info).decode("utf-8", "replace")
+        with zf.open(info) as link:  # a link's target is a short path, not a bomb
+            target = link.read(4096).decode("utf-8", "replace")
         if _link_escapes(info.filename, target, relative_to_entry=True):
             reason = f"symlink to {target!r} outside the archive"
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         reason = "device file or fifo"
     if reason:
-        raise RetrainError(f"unsafe entry {info.filename!r} in {archive} ({reason}); nothing was extracted")
+        _refuse(archive, info.filename, reason)
+    budget.entry()
+    if stat.S_ISLNK(mode):  # zipfile would write the link's target as a text file: skip it
+        budget.skipped.append((info.filename, "symlink(s) inside the zip, not followed"))
+        return False
+    if not info.is_dir() and _is_nested_archive(info.filename):
+        budget.skipped.append((info.filename, "archive(s) inside the archive, not extracted"))
+        return False
+    return True
+
+
+def _write_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: _Budget) -> None:
+    """Write one checked entry, streaming it: the sizes in a zip's directory can lie."""
+    target = dest.joinpath(*[part for part in re.split(r"[/\\]", info.filename) if part not in ("", ".")])
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as source:
+        _copy_stream(source, target, budget)
 
 
 def _move_into_place(tmp: Path, raw_dir: Path, stem: str) -> Path:
@@ -317,6 +492,7 @@ def _move_into_place(tmp: Path, raw_dir: Path, stem: str) -> Path:
             p.rename(content / p.name)
     final = raw_dir / name
     _replace_dir(content, final)
+    _remove_other_datasets(raw_dir, keep=final)
     return final
 
 
@@ -330,34 +506,74 @@ def _replace_dir(new: Path, final: Path) -> None:
         new.rename(final)
 
 
+def _remove_other_datasets(raw_dir: Path, keep: Path) -> None:
+    """After a success raw_dir holds only the new dataset (split reads the one folder there)."""
+    for child in raw_dir.iterdir():
+        if child != keep and not child.name.startswith((".extract-", ".copy-", ".old-")):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 # --- local folder ------------------------------------------------------------------------------
 
 
-def _copy_folder(src: Path, raw_dir: Path) -> Path:
-    """Copy a folder of class folders to raw_dir/<its name>, following symlinks, skipping loops."""
+def _copy_folder(src: Path, raw_dir: Path, limits: Limits) -> Path:
+    """Copy a folder of class folders to raw_dir/<its name>.
+
+    Links are followed only while they stay inside the folder; fifos, sockets and devices are
+    skipped without being opened (a fifo would block the read forever). Loops are copied once.
+    """
     src = src.resolve()
     final = raw_dir / src.name
     if final.resolve() == src:
         return final
     raw_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=raw_dir))
+    budget = _Budget(src, limits, archive_bytes=None)
     try:
-        here = raw_dir.stat()
-        seen = {(here.st_dev, here.st_ino)}  # never copy raw_dir into itself
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-            info = os.stat(dirpath)
-            if (info.st_dev, info.st_ino) in seen:  # a symlink loop: been here already
-                dirnames.clear()
-                continue
-            seen.add((info.st_dev, info.st_ino))
-            target = tmp / Path(dirpath).relative_to(src)
-            target.mkdir(parents=True, exist_ok=True)
-            for name in filenames:
-                if os.path.exists(os.path.join(dirpath, name)):  # skip dangling symlinks
-                    shutil.copy2(os.path.join(dirpath, name), target / name)
+        _copy_tree(src, tmp, raw_dir, budget)
         _replace_dir(tmp, final)
+        _remove_other_datasets(raw_dir, keep=final)
     except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:  # the disk, not the data: exit_on_error says so
+            raise
         raise RetrainError(f"cannot copy {src} to {final}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    budget.report()
     return final
+
+
+def _copy_tree(src: Path, tmp: Path, raw_dir: Path, budget: _Budget) -> None:
+    here = raw_dir.stat()
+    seen = {(here.st_dev, here.st_ino)}  # never copy raw_dir into itself
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:  # a symlink loop: been here already
+            dirnames.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirnames[:] = [d for d in dirnames if _stays_inside(src, Path(dirpath, d), budget)]
+        target = tmp / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        budget.entry()
+        for name in filenames:
+            path = Path(dirpath, name)
+            if not _stays_inside(src, path, budget) or not os.path.exists(path):  # out, or dangling
+                continue
+            if not stat.S_ISREG(os.stat(path).st_mode):  # checked before opening: a fifo would block
+                budget.skipped.append((str(path.relative_to(src)), "fifo(s), socket(s) or device(s), not read"))
+                continue
+            budget.entry()
+            with open(path, "rb") as source:
+                _copy_stream(source, target / name, budget)
+
+
+def _stays_inside(src: Path, path: Path, budget: _Budget) -> bool:
+    """False (and noted) for a symlink whose target is outside the folder being copied."""
+    if not path.is_symlink() or Path(os.path.realpath(path)).is_relative_to(src):
+        return True
+    budget.skipped.append((str(path.relative_to(src)), "symlink(s) pointing out of the folder, not followed"))
+    return False

@@ -163,6 +163,17 @@ def flatten_metrics(metrics, sep="/"):
     return flat
 
 
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """metrics.json → chart groups: test/accuracy, test/top_2_accuracy, …, test_per_class/<class>/f1."""
+    flat = {}
+    for key, value in flatten_metrics(metrics, sep="/").items():
+        if key.startswith("per_class/"):
+            flat[f"test_{key}"] = float(value)
+        elif key != "num_test_images":
+            flat[f"test/{key}"] = float(value)
+    return flat
+
+
 def _check_inputs(y_true, probabilities, labels, top_k):
     """Arrays as int64 [N] and float64 [N, C]; mismatched shapes are bugs, bad params are not."""
     y_true = np.asarray(y_true)

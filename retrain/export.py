@@ -4,7 +4,8 @@ The serving signature takes a string tensor of encoded images (any format split 
 retrain.py's graph took `DecodeJpeg/contents:0`), decodes and resizes them with the very same
 functions the bottlenecks stage used (`retrain.images`), and returns every class probability and
 the top-k labels. A user needs TensorFlow and nothing of this project to serve it. Beside it:
-`labels.txt` and a TFLite model of the float-image signature.
+`labels.txt` and `model.tflite`, the float32 single-image model with TFLite metadata (quantized
+variants: `retrain.tflite_variants`).
 """
 
 from pathlib import Path
@@ -15,6 +16,8 @@ import tensorflow as tf
 from retrain.atomic import atomic_dir
 from retrain.errors import RetrainError
 from retrain.images import decode_image, resize_image
+from retrain.tflite_metadata import write_metadata
+from retrain.tflite_variants import convert
 
 _ACTIVATIONS = {"softmax": tf.nn.softmax, "relu": tf.nn.relu, "linear": tf.identity}
 
@@ -89,17 +92,12 @@ def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None
         labels = [label.decode() for label in classifier.label_table.numpy()]
         (temp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         if tflite:
-            (temp / "model.tflite").write_bytes(_to_tflite(classifier))
+            (temp / "model.tflite").write_bytes(_to_tflite(classifier, labels))
 
 
-def _to_tflite(classifier: Classifier) -> bytes:
-    height, width = classifier.image_size
-    single_pass = tf.function(
-        lambda images: classifier._classify_images(images, single_pass=True),
-        input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32, name="images")],
-    )
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([single_pass.get_concrete_function()], classifier)
-    return converter.convert()
+def _to_tflite(classifier: Classifier, labels: list[str]) -> bytes:
+    """The float32 single-image model with MediaPipe metadata (labels, normalisation) inside."""
+    return write_metadata(convert(classifier, "float32"), labels)
 
 
 def load_model(model_dir: Path):

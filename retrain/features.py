@@ -3,8 +3,9 @@
 `FeatureCache` stores one float32 vector per (backbone id, preprocessing version, image sha256)
 as a small .npy file, written to a temporary name and renamed, so a killed run never leaves a
 half-written entry and a damaged one is detected and recomputed. `compute_features` runs only the
-images the cache lacks through a tf.data pipeline (parallel read, decode and resize, batched
-backbone calls, cache writes on a background thread). `write_split_arrays` then gathers the
+images the cache lacks through `image_dataset`, the one image pipeline (parallel read, decode,
+optional augmentation and resize in tf.data), then the backbone on its runtime (XNNPACK where
+it converts), with cache writes on a background thread. `write_split_arrays` then gathers the
 per-split arrays the train and evaluate stages read, streamed row by row from the cache to disk.
 """
 
@@ -81,6 +82,15 @@ class FeatureCache:
     def path(self, sha256: str) -> Path:
         return self.folder / sha256[:2] / f"{sha256}.npy"
 
+    def has(self, sha256: str) -> bool:
+        """Whether a whole entry is there: one stat, no read (reading all 2,400 entries before
+        computing was most of a warm run's work). Entries are renamed into place, so a complete
+        size means a complete write; `get` still checks the bytes when they are used."""
+        try:
+            return self.path(sha256).stat().st_size == len(self._header) + 4 * self.feature_dim
+        except OSError:
+            return False
+
     def get(self, sha256: str) -> np.ndarray | None:
         """The cached vector, or None when absent or damaged (a damaged entry is removed)."""
         path = self.path(sha256)
@@ -124,26 +134,49 @@ class FeatureCache:
             raise
 
 
-@functools.lru_cache(maxsize=8)
-def _loader(image_size: tuple[int, int]):
-    """path, sha → (float32 [H, W, 3] image, sha); traced once per process and size (tracing costs 1-4 s)."""
+# How the 2 cores are shared between decoding and the model (measured: benchmarks/README.md).
+DECODE_CALLS = tf.data.AUTOTUNE  # with the autotuner off: one decode per core
+PREFETCH_BATCHES = 2
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)], autograph=False)
-    def load(path, sha):
-        return resize_image(decode_image(tf.io.read_file(path)), image_size), sha
+
+@functools.lru_cache(maxsize=8)
+def image_loader(image_size: tuple[int, int], transform=None):
+    """path, seed → float32 [H, W, 3] image; traced once per process, size and transform (tracing costs 1-4 s)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)], autograph=False)
+    def load(path, seed):
+        image = decode_image(tf.io.read_file(path))
+        if transform is not None:
+            image = transform(image, seed)
+        return resize_image(image, image_size)
 
     return load
 
 
-def _image_dataset(paths, shas, image_size, batch_size):
-    dataset = tf.data.Dataset.from_tensor_slices((paths, shas))
-    dataset = dataset.map(_loader(tuple(image_size)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # A file that changed since split must not stop the whole run: its sha simply never arrives.
-    return batched(dataset.ignore_errors(), batch_size)
+def image_dataset(paths, image_size, batch_size: int, transform=None, seeds=None, extra=()):
+    """The one image pipeline: batches of (float32 [B, H, W, 3] in [0, 1] images, *extra columns).
+
+    Every image → model path (bottlenecks, augmented views, fine-tuning, its validation) runs
+    here, so a speed fix lands everywhere at once. Order is kept. transform: None, or a function
+    (uint8 [H, W, 3] image, int32 [2] seed) → uint8 image of TF ops applied before the resize
+    (augmentation), given seeds[i] for image i. extra: more per-image columns passed through
+    (cache keys, labels). A file that changed since split must not stop the whole run: it is
+    skipped, so its row simply never arrives.
+    """
+    seeds = np.zeros((len(paths), 2), np.int32) if seeds is None else np.asarray(seeds, np.int32).reshape(-1, 2)
+    load = image_loader(tuple(image_size), transform)
+
+    @tf.autograph.experimental.do_not_convert  # a call of the traced loader and a tuple
+    def row(path, seed, *rest):
+        return (load(path, seed), *rest)
+
+    dataset = tf.data.Dataset.from_tensor_slices((list(paths), seeds, *extra))
+    dataset = dataset.map(row, num_parallel_calls=DECODE_CALLS, deterministic=True).ignore_errors()
+    return batched(dataset, batch_size)
 
 
 def batched(dataset, batch_size: int):
-    """The image pipelines' common end: batches, two ahead, with tf.data's autotuner off.
+    """The image pipeline's end: batches, `PREFETCH_BATCHES` ahead, with tf.data's autotuner off.
 
     Two batches ahead keep the model busy (it is the slow side); a fixed depth keeps memory flat.
     With the autotuner on, deleting a finished iterator stalled the caller for 2-5 s in 8 of 20
@@ -152,7 +185,7 @@ def batched(dataset, batch_size: int):
     """
     options = tf.data.Options()
     options.autotune.enabled = False
-    return dataset.batch(batch_size).prefetch(2).with_options(options)
+    return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
 
 
 def compute_features(examples: list[Example], backbone, cache: FeatureCache, batch_size: int) -> dict:
@@ -162,12 +195,12 @@ def compute_features(examples: list[Example], backbone, cache: FeatureCache, bat
     """
     missing = {}
     for example in examples:
-        if example.sha256 not in missing and cache.get(example.sha256) is None:
+        if example.sha256 not in missing and not cache.has(example.sha256):
             missing[example.sha256] = example.path
     stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
     started = time.perf_counter()
     if missing:
-        dataset = _image_dataset(list(missing.values()), list(missing), backbone.image_size, batch_size)
+        dataset = image_dataset(list(missing.values()), backbone.image_size, batch_size, extra=[list(missing)])
         stats["computed"] = fill_cache(dataset, backbone, cache, len(missing), "bottlenecks")
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
@@ -184,10 +217,11 @@ def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) ->
     computed = 0
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total, unit="img", desc=desc, mininterval=1.0) as bar:
         for images, keys in batches:
-            # Called as it is: a backbone is a restored SavedModel function, already a graph that
-            # takes any batch size. Wrapping it in a new tf.function cost a trace per call (0.3 s)
-            # and another for the last, shorter batch.
-            vectors = backbone.features(images).numpy()
+            # On the backbone's runtime (XNNPACK where it converts). On TensorFlow it is called as
+            # it is: a restored SavedModel function is already a graph that takes any batch size;
+            # wrapping it in a new tf.function cost a trace per call (0.3 s) and another for the
+            # last, shorter batch.
+            vectors = backbone.extract(images)
             writer.submit(_put_batch, cache, [key.decode() for key in keys.numpy()], vectors)
             bar.update(len(vectors))
             computed += len(vectors)

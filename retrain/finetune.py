@@ -13,7 +13,6 @@ are written beside it so that evaluate and export judge the fine-tuned model. Ru
 TensorFlow places it: the CPU here, a GPU where one exists.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from tqdm import tqdm
 
 from retrain import paths
 from retrain.atomic import atomic_dir
-from retrain.augment import image_dataset, view_seed
+from retrain.augment import augmenter, view_seed
 from retrain.errors import RetrainError
-from retrain.features import Example, class_names, write_features_npz
+from retrain.features import Example, class_names, image_dataset, write_features_npz
 from retrain.head import set_seed
 from retrain.params import AugmentParams, FinetuneParams
 
@@ -92,7 +91,8 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
         rows = [train[i] for i in order]
         seeds = [view_seed(seed, e.sha256, f"finetune-{epoch}") for e in rows]
         labels = np.array([index[e.label] for e in rows], np.int32)
-        dataset = image_dataset([e.path for e in rows], backbone.image_size, params.batch_size, augment, seeds, [labels])
+        transform = augmenter(augment) if augment is not None else None
+        dataset = image_dataset([e.path for e in rows], backbone.image_size, params.batch_size, transform, seeds, [labels])
         with tqdm(total=len(rows), unit="img", desc=f"finetune epoch {epoch + 1}", mininterval=5.0) as bar:
             losses = []
             for images, batch_labels in dataset:
@@ -151,16 +151,3 @@ def save_backbone(backbone, path: Path) -> None:
     """Save the (fine-tuned) backbone module as a SavedModel, atomically; load it with load_backbone."""
     with atomic_dir(path) as temp:
         tf.saved_model.save(backbone.module, str(temp), signatures=dict(getattr(backbone.module, "signatures", {})) or None)
-
-
-def finetuned() -> bool:
-    """Whether the finetune stage ran enabled: its head, backbone and features then replace the frozen ones."""
-    try:
-        return bool(json.loads(paths.FINETUNE_JSON.read_text())["enabled"])
-    except FileNotFoundError:
-        return False
-
-
-def evaluation_inputs() -> tuple[Path, Path]:
-    """(folder of validation/test .npz, head file) that evaluate and export should use."""
-    return (paths.FINETUNE_DIR, paths.FINETUNE_HEAD) if finetuned() else (paths.FEATURES_DIR, paths.HEAD)

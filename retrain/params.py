@@ -20,13 +20,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ExtraFile(_Section):
+    """A file fetched into the dataset folder beside the archive (e.g. Oxford 102's .mat files)."""
+
+    url: str = Field(min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class DataParams(_Section):
     url: str = Field(min_length=1)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    extra_files: list[ExtraFile] = []
+    layout: Literal["folders", "oxford102"] = "folders"
+    labels: str | None = Field(default=None, min_length=1)
+    split: Literal["hash", "official"] = "hash"
     validation_percentage: float = Field(ge=0, le=100)
     testing_percentage: float = Field(ge=0, le=100)
     min_images_per_class: int = Field(ge=1)
     max_image_pixels: int = Field(ge=1)
+    # Caps on one dataset, checked while downloading, extracting or copying (see download.Limits).
+    max_download_bytes: int = Field(default=2_000_000_000, ge=1)
+    max_extracted_bytes: int = Field(default=5_000_000_000, ge=1)
+    max_archive_entries: int = Field(default=100_000, ge=1)
+    max_compression_ratio: float = Field(default=100.0, ge=1)
+
+    @model_validator(mode="after")
+    def _layout_fits(self):
+        if self.split == "official" and self.layout != "oxford102":
+            raise ValueError("split: official needs layout: oxford102 (only Oxford 102 ships its own split); use split: hash")
+        if self.labels and self.layout != "folders":
+            raise ValueError(f"labels: a labels CSV goes with layout: folders, not {self.layout}")
+        if self.labels and (self.labels.startswith(("/", "\\")) or ".." in self.labels.replace("\\", "/").split("/")):
+            raise ValueError(f"labels must be a path inside the dataset folder, like labels.csv (got {self.labels!r})")
+        return self
 
     @model_validator(mode="after")
     def _percentages_fit(self):
@@ -45,6 +71,9 @@ class BackboneParams(_Section):
 
 class BottlenecksParams(_Section):
     batch_size: int = Field(ge=1, le=1024)
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(default=None, min_length=1)
+    ray_actors: int | None = Field(default=None, ge=1)
 
 
 class AugmentParams(_Section):
@@ -90,11 +119,14 @@ class EvaluateParams(_Section):
 class ExportParams(_Section):
     top_k: int = Field(ge=1)
     tflite: bool
-    registered_model_name: str | None = None
+    tflite_quantized: list[Literal["float16", "dynamic_range", "int8"]] = ["float16", "dynamic_range", "int8"]
+    max_quantization_drop: float = Field(default=1.0, ge=0, le=100)
+    representative_images: int = Field(default=100, ge=1, le=10000)
 
 
 class TrackingParams(_Section):
     experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
 
 
 class Params(_Section):

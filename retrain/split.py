@@ -6,7 +6,11 @@ is rejected without allocating it), then a full decode with `retrain.images.deco
 decoder training and serving use, so split can never accept an image the model cannot read.
 Files that fail get a human-readable reason in rejected.csv. `assign_split` is retrain.py's rule:
 a hash of the file name picks train/validation/test, so adding images never moves existing ones.
-`split_dataset` runs the whole stage: scan, check the class structure, write the two CSV files.
+Labels come from the class folders, or from a labels CSV or Oxford 102's .mat files
+(`retrain.layouts`), whose official split can replace the hash rule. Files with identical content
+always share a split (else a test image leaks into training): each group goes where its first
+file by path goes, and duplicates.csv lists them. `split_dataset` runs the whole stage: list,
+check, keep duplicates together, write the three CSV files.
 """
 
 import csv
@@ -15,7 +19,7 @@ import hashlib
 import io
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import tensorflow as tf
 from PIL import Image
 from tqdm import tqdm
 
+from retrain import layouts
 from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
 from retrain.images import decode_image
@@ -51,6 +56,17 @@ class Rejection:
 
     path: Path
     reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a dataset folder offers before any file is read: (path, label) candidates, files left
+    out already, the class names, and the split the dataset itself fixes per path (may be empty)."""
+
+    candidates: list[tuple[Path, str]]
+    rejected: list[Rejection]
+    classes: list[str]
+    official: dict[Path, str]
 
 
 def assign_split(filename: str, validation_percentage: float, testing_percentage: float) -> str:
@@ -93,10 +109,35 @@ def scan_dataset(
     to a folder already scanned is a loop and is rejected. `workers` threads read and decode
     (TensorFlow releases the GIL while decoding); default: twice the CPU count.
     """
+    listing = list_dataset(root)
+    return check_files(listing.candidates, listing.rejected, max_image_pixels=max_image_pixels, workers=workers)
+
+
+def list_dataset(root: Path, *, layout: str = "folders", labels: str | None = None, official_split: bool = False) -> Listing:
+    """The candidates of `root`: class folders, or the images a labels CSV (`labels`, relative to
+    root) or Oxford 102's files (layout "oxford102") list, with that dataset's split if asked."""
     root = Path(root)
-    candidates, rejected = [], []
-    for label in class_names(root):
+    if layout == "oxford102":
+        own = {layouts.OXFORD_LABELS, layouts.OXFORD_SETS, *layouts.OXFORD_NAMES}
+        return _listing_from_table(root, layouts.read_oxford102(root, official_split), layouts.OXFORD_LABELS, own, official_split)
+    if labels:
+        table = layouts.read_labels_csv(root, labels)
+        return _listing_from_table(root, table, labels, {Path(labels).as_posix()}, official_split=False)
+    classes, candidates, rejected = class_names(root), [], []
+    for label in classes:
         _walk_class(root / label, label, candidates, rejected)
+    return Listing(candidates, rejected, classes, {})
+
+
+def check_files(
+    candidates: list[tuple[Path, str]],
+    rejected: list[Rejection],
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> tuple[list[ImageRow], list[Rejection]]:
+    """Read and decode every candidate; return (usable images, `rejected` plus the failures)."""
+    rejected = list(rejected)
     workers = workers or 2 * (os.cpu_count() or 1)
     check = functools.partial(_check_file, max_image_pixels=max_image_pixels)
     rows = []
@@ -118,13 +159,18 @@ def write_split(
     validation_percentage: float,
     testing_percentage: float,
     min_images_per_class: int,
+    duplicates_csv: Path | None = None,
+    official: dict[Path, str] | None = None,
 ) -> dict[str, int]:
-    """Write rejected.csv (path,reason), check every class, then write split.csv.
+    """Write rejected.csv (path,reason), check every class, then write split.csv and duplicates.csv.
 
     split.csv has columns path,label,split,sha256, sorted by path; paths are relative to base_dir
-    with "/" separators. rejected.csv is written first so that it explains a class that comes up
-    short: a class with fewer than min_images_per_class usable images raises RetrainError and
-    split.csv is not written. Returns the number of images per split and of rejections.
+    with "/" separators. A row's split is `official[path]` when given, else the hash rule; then
+    each group of identical files moves to its first file's split (duplicates.csv, default beside
+    split.csv: path,label,split,sha256,moved_from). rejected.csv is written first so that it
+    explains a class that comes up short: a class with fewer than min_images_per_class usable
+    images raises RetrainError and split.csv is not written. Returns the number of images per
+    split, of rejections, of duplicates (files whose content an earlier file has) and of those moved.
     """
     relative = functools.partial(_relative_posix, base_dir=Path(base_dir))
     _write_csv(rejected_csv, ["path", "reason"], sorted((relative(r.path), r.reason) for r in rejected))
@@ -138,10 +184,43 @@ def write_split(
     split_of = functools.partial(
         assign_split, validation_percentage=validation_percentage, testing_percentage=testing_percentage
     )
-    table = sorted((relative(row.path), row.label, split_of(row.path.name), row.sha256) for row in rows)
+    official = official or {}
+    table = sorted(
+        (relative(row.path), row.label, official.get(row.path) or split_of(row.path.name), row.sha256) for row in rows
+    )
+    table, duplicates = keep_duplicates_together(table)
     _write_csv(split_csv, ["path", "label", "split", "sha256"], table)
+    _write_csv(duplicates_csv or Path(split_csv).with_name("duplicates.csv"), DUPLICATES_HEADER, duplicates)
     totals = Counter(split for _, _, split, _ in table)
-    return {**{split: totals[split] for split in SPLITS}, "rejected": len(rejected)}
+    return {
+        **{split: totals[split] for split in SPLITS},
+        "rejected": len(rejected),
+        "duplicates": len(duplicates) - len({sha for *_, sha, _ in duplicates}),
+        "duplicates_moved": sum(1 for *_, moved_from in duplicates if moved_from),
+    }
+
+
+DUPLICATES_HEADER = ["path", "label", "split", "sha256", "moved_from"]
+
+
+def keep_duplicates_together(table: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """Put every group of rows with one sha256 in the split of its first row (table is path-sorted).
+
+    Returns (the table with splits fixed, one duplicates.csv row per member of a group of two or
+    more: path, label, split, sha256, and the split the rule gave it if it moved, else "").
+    Adding a file never moves a group unless the new file sorts first in its group.
+    """
+    groups = defaultdict(list)
+    for row in table:
+        groups[row[3]].append(row)
+    target = {sha: members[0][2] for sha, members in groups.items()}
+    fixed = [(path, label, target[sha], sha) for path, label, _, sha in table]
+    duplicates = [
+        (path, label, target[sha], sha, "" if split == target[sha] else split)
+        for path, label, split, sha in table
+        if len(groups[sha]) > 1
+    ]
+    return fixed, sorted(duplicates, key=lambda row: (row[3], row[0]))  # groups together
 
 
 def split_dataset(
@@ -154,24 +233,67 @@ def split_dataset(
     testing_percentage: float,
     min_images_per_class: int,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    duplicates_csv: Path | None = None,
+    layout: str = "folders",
+    labels: str | None = None,
+    split: str = "hash",
 ) -> dict[str, int]:
-    """The split stage: scan `root`, write rejected.csv and split.csv; return the counts."""
-    classes = class_names(root)
-    rows, rejected = scan_dataset(root, max_image_pixels=max_image_pixels)
+    """The split stage: list and check `root`, write rejected.csv, split.csv and duplicates.csv.
+
+    layout "folders" (labels: a CSV in root, or None for class folders) or "oxford102"; split
+    "hash" (retrain.py's rule) or "official" (the dataset's own, oxford102 only). Returns the counts.
+    """
+    listing = list_dataset(root, layout=layout, labels=labels, official_split=split == "official")
+    rows, rejected = check_files(listing.candidates, listing.rejected, max_image_pixels=max_image_pixels)
     return write_split(
         rows,
         rejected,
         split_csv,
         rejected_csv,
-        classes=classes,
+        classes=listing.classes,
         base_dir=base_dir,
         validation_percentage=validation_percentage,
         testing_percentage=testing_percentage,
         min_images_per_class=min_images_per_class,
+        duplicates_csv=duplicates_csv,
+        official=listing.official,
     )
 
 
 # --- walking -----------------------------------------------------------------------------------
+
+
+def _listing_from_table(root: Path, table: list, source: str, own_files: set[str], official_split: bool) -> Listing:
+    """Match a label file's table with the files under root: each side's extras become rejections.
+
+    A listed file that is missing, a file on disk that is not listed (except the label files
+    themselves) and, with official_split, a listed file in none of the official sets are warnings
+    in rejected.csv; a class left with too few images then stops the stage in write_split.
+    """
+    if not root.is_dir():
+        raise RetrainError(f"{root} is not a folder; run the download stage first (dvc repro download)")
+    on_disk, rejected = [], []
+    _walk_class(root, "", on_disk, rejected)
+    on_disk = {_relative_posix(path, root): path for path, _ in on_disk}
+    candidates, official = [], {}
+    for entry in table:
+        path = root / entry.path
+        if entry.path not in on_disk:
+            rejected.append(Rejection(path, f"listed in {entry.where} but not found"))
+        elif official_split and entry.split is None:
+            rejected.append(Rejection(path, "in no set of the official split (data.split: official), skipped"))
+        else:
+            candidates.append((on_disk[entry.path], entry.label))
+            if entry.split:
+                official[on_disk[entry.path]] = entry.split
+    listed = {entry.path for entry in table}
+    for relative, path in on_disk.items():
+        if relative not in listed and relative not in own_files:
+            rejected.append(Rejection(path, f"not listed in {source}, skipped"))
+    classes = sorted({entry.label for entry in table})
+    if len(classes) < 2:
+        raise RetrainError(f"{root / source}: lists {len(classes)} class{'es' * (len(classes) != 1)}; a classifier needs at least two")
+    return Listing(candidates, rejected, classes, official)
 
 
 def _is_hidden(name: str) -> bool:

@@ -1,10 +1,21 @@
-"""MLflow tracking: one run per pipeline execution, shared by train, evaluate and export.
+"""MLflow tracking: exactly one run per pipeline execution, whichever stages it runs.
+
+An *execution* is one `dvc repro` / `dvc exp run` process (queued and `--temp` experiments each
+run in a `dvc exp exec-run` process of their own). Every stage, once its work is done, calls
+`stage_run(stage, params)`: it finds the run tagged with this execution's key (the host, pid and
+start time of the nearest `dvc` process above the stage), or creates it, named after
+`$DVC_EXP_NAME` when set, with all params, source tags and the dataset inputs. The stage logs its
+metrics there, and writes `data/runs/<stage>.json`, a DVC output recording the run that produced
+the stage's outputs and what it logged. A stage that DVC skips leaves its provenance file as it
+was, so a later execution's run records `retrain.reused.<stage>` = the producing run's id and
+copies that run's metrics and tags for the stage: every run compares completely against the
+others, and no execution ever writes into an earlier run. An execution that runs nothing makes
+no run.
 
 The store defaults to `sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`;
-`MLFLOW_TRACKING_URI` selects a server instead. The repo root is `$DVC_ROOT` when DVC sets it, so
-`dvc exp run --temp/--queue`, which run in a temporary copy, log to the workspace's store. Train
-creates the run (named after `$DVC_EXP_NAME` when set) and writes its id to a train output;
-evaluate and export resume it.
+`MLFLOW_TRACKING_URI` selects a server instead. The repo root is `$DVC_ROOT`, so temporary
+experiment copies log to the workspace's store, and TensorBoard files go to `<repo root>/logs`.
+MLflow is imported only here and only when a stage logs, so stages start without it.
 """
 
 import contextlib
@@ -16,19 +27,32 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
-import mlflow
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-
+from retrain import paths
 from retrain.errors import RetrainError
+
+# DVC runs them in this order (dvc.yaml's DAG, topologically sorted).
+STAGES = ("download", "split", "bottlenecks", "train", "finetune", "evaluate", "export")
+EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI's model-training view (not GenAI)
+
+# A dead tracking server must fail a stage within seconds, not after MLflow's default 7 retries
+# with exponential backoff (minutes). A user's own settings win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def project_root() -> Path:
     """The workspace: DVC's parent repo for temporary experiment copies, else the current folder."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def logs_dir() -> Path:
+    """TensorBoard's folder, in the workspace even for queued experiments (their copy is deleted)."""
+    return project_root() / paths.LOGS_DIR
 
 
 def _default_uri() -> str:
@@ -63,36 +87,85 @@ def _store_lock():
 
 def use_experiment(name: str) -> str:
     """Point MLflow at the store and experiment (created if missing, safely under parallel workers)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     mlflow.set_tracking_uri(tracking_uri())
     with _store_lock():
         client = mlflow.MlflowClient()  # opening a new SQLite store creates its tables
         for _ in range(3):
             experiment = client.get_experiment_by_name(name)
             if experiment is not None:
+                if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+                    client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
                 return experiment.experiment_id
             location = (project_root() / "mlartifacts").as_uri() if _is_default_store() else None
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location,
+                                                tags={"mlflow.experimentKind": EXPERIMENT_KIND})
             except MlflowException:
                 continue  # on a server, another worker created it between our look and our create
     raise RetrainError(f"MLflow experiment '{name}' could not be created in {tracking_uri()}")
 
 
-def _git_commit() -> str:
+def execution_key() -> str:
+    """Who this pipeline execution is: the nearest `dvc` process above us (host:pid:start time).
+
+    Every stage of one `dvc repro` or `dvc exp run` is a child of the same dvc process, and each
+    queued experiment has its own `dvc exp exec-run`. A stage run by hand is its own execution.
+    """
+    import psutil
+
+    me = psutil.Process()
+    for process in me.parents():
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        if any(Path(part).name == "dvc" for part in command[:2]) or command[1:3] == ["-m", "dvc"]:
+            me = process
+            break
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
+                             cwd=project_root())
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return ""
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags, which the UI shows as the run's Source and git commit."""
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro",
+        "mlflow.user": os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown",
+        "mlflow.source.git.commit": commit or "unknown",
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+    }
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    remote = _git("remote", "get-url", "origin")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    return tags
 
 
 def fail_stale_runs(experiment_id: str) -> list[str]:
-    """Mark this host's RUNNING runs whose creating process is gone as FAILED; return their ids.
+    """Mark this host's RUNNING runs whose logging process is gone as FAILED; return their ids.
 
-    A SIGKILLed (or OOM-killed) train or evaluate cannot end its run, which would then stay
-    RUNNING forever in the MLflow UI. Runs record `retrain.pid` and `retrain.host` when created;
-    a run of another host, or whose process still lives, is left alone.
+    A stage killed while it logs cannot end its run, which would then stay RUNNING forever in the
+    MLflow UI. Runs record `retrain.pid` and `retrain.host`; a run of another host, or whose
+    process still lives, is left alone.
     """
+    import mlflow
+    from mlflow.entities import RunStatus
+
     client = mlflow.MlflowClient()
     host = socket.gethostname()
     stale = []
@@ -118,76 +191,216 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def start_run(experiment: str, params: dict, tags: dict, run_file: Path) -> str:
-    """Create this pipeline execution's run, log params and tags, record its id in run_file."""
-    experiment_id = use_experiment(experiment)
-    fail_stale_runs(experiment_id)
-    run_name = os.environ.get("DVC_EXP_NAME") or None
-    all_tags = {"git_commit": _git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **tags,
-                "retrain.pid": str(os.getpid()), "retrain.host": socket.gethostname()}
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
-    client = mlflow.MlflowClient()
-    items = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+@dataclass
+class StageRun:
+    """The execution's run as one stage sees it; what it logs through here is its provenance."""
+
+    stage: str
+    run_id: str
+    run_name: str
+    experiment_id: str
+    client: object
+    metrics: dict[str, list] = field(default_factory=dict)  # key → [[step, value, timestamp ms], …]
+    tags: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. the logged model's URI
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append([step, float(value), now])
+
+    def set_tags(self, tags: dict[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        clean = {key: str(value) for key, value in tags.items()}
+        if clean:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in clean.items()])
+        self.tags.update(clean)
+
+
+def _find_or_create_run(client, experiment_id: str, key: str, params: dict) -> tuple[object, bool]:
+    from mlflow.entities import Param, RunTag
+
+    query = f"tags.`retrain.execution` = '{key}'"
+    found = client.search_runs([experiment_id], query, max_results=1)
+    if found:
+        return found[0], False
+    tags = {**source_tags(), "retrain.execution": key, "retrain.host": socket.gethostname()}
+    run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
+    items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"run_id": run_id, "run_name": run.info.run_name, "experiment": experiment}) + "\n")
-    return run_id
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client.log_batch(run.info.run_id, tags=[RunTag("retrain.params_hash", _params_hash(params))])
+    return run, True
 
 
-def read_run(run_file: Path) -> dict:
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_provenance(stage: str, root: Path = Path(".")) -> dict | None:
+    """data/runs/<stage>.json: the run that produced the stage's current outputs, or None."""
     try:
-        return json.loads(Path(run_file).read_text())
-    except FileNotFoundError:
-        raise RetrainError(f"{run_file}: not found; run the train stage first") from None
+        return json.loads((root / paths.RUNS_DIR / f"{stage}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _record_reused(stage_run: StageRun, current: str, tags: dict[str, str]) -> None:
+    """Tag every other stage whose outputs an earlier run produced; copy its logs if upstream."""
+    from mlflow.entities import Metric, RunTag
+
+    position = STAGES.index(current)
+    for stage in STAGES:
+        if stage == current or tags.get(f"retrain.ran.{stage}"):
+            continue
+        provenance = read_provenance(stage)
+        if provenance is None or provenance["run_id"] == stage_run.run_id:
+            continue
+        if tags.get(f"retrain.reused.{stage}") == provenance["run_id"]:
+            continue  # an earlier stage of this execution recorded it already
+        stage_run.client.set_tag(stage_run.run_id, f"retrain.reused.{stage}", provenance["run_id"])
+        if STAGES.index(stage) > position:
+            continue  # may still run in this execution: only its metrics would be stale
+        metrics = [Metric(key, value, timestamp, step)
+                   for key, history in provenance.get("metrics", {}).items() for step, value, timestamp in history]
+        copied = [RunTag(k, v) for k, v in provenance.get("tags", {}).items()]
+        for i in range(0, max(len(metrics), len(copied)), 500):
+            stage_run.client.log_batch(stage_run.run_id, metrics=metrics[i : i + 500], tags=copied[i : i + 500])
+
+
+def log_dataset_inputs(stage_run: StageRun, split_csv: Path, source: str) -> None:
+    """Each split as an MLflow dataset input (name, digest, source, class counts), once per run."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.read_csv(split_csv)
+    for split in ("train", "validation", "test"):
+        rows = frame[frame["split"] == split].sort_values("path")
+        digest = hashlib.sha256("".join(f"{p}\t{l}\t{s}\n" for p, l, s in zip(rows["path"], rows["label"], rows["sha256"])).encode()).hexdigest()
+        dataset = mlflow.data.from_pandas(rows[["path", "label", "sha256"]].reset_index(drop=True), source=source,
+                                          name=split, digest=digest[:32])
+        counts = {f"class.{label}": str(n) for label, n in rows["label"].value_counts().sort_index().items()}
+        mlflow.log_input(dataset, context={"train": "training", "validation": "validation", "test": "testing"}[split],
+                         tags={"images": str(len(rows)), "sha256": digest, **counts})
 
 
 @contextlib.contextmanager
-def resumed_run(run_file: Path):
-    """Reopen the pipeline's run; it ends FINISHED, or FAILED (KILLED on Ctrl-C) if the stage fails."""
-    info = read_run(run_file)
-    use_experiment(info["experiment"])
+def stage_run(stage: str, params, log_datasets: bool | None = None):
+    """The execution's run, for `stage` to log what it did once its outputs are written.
+
+    Yields a `StageRun` that is also MLflow's active run (so `mlflow.log_artifacts` and
+    `mlflow.pyfunc.log_model` go there). On success the run ends FINISHED and
+    data/runs/<stage>.json records it; a failure ends it FAILED (KILLED on Ctrl-C). A tracking
+    store that cannot be reached is one line naming it; the stage's outputs stay on disk.
+    """
+    import mlflow
+    from mlflow.entities import RunStatus
+    from mlflow.exceptions import MlflowException
+
+    from retrain.params import flatten
+
     try:
-        run = mlflow.start_run(run_id=info["run_id"])
-    except MlflowException as error:
-        raise RetrainError(f"{run_file}: MLflow run {info['run_id']} not found in {tracking_uri()} ({error.message})") from None
-    mlflow.set_tag("retrain.pid", str(os.getpid()))  # the live owner, so stale-run cleanup spares it
+        experiment_id = use_experiment(params.tracking.experiment)
+        fail_stale_runs(experiment_id)
+        client = mlflow.MlflowClient()
+        run, created = _find_or_create_run(client, experiment_id, execution_key(), flatten(params))
+    except (MlflowException, OSError) as error:
+        raise _unreachable(error) from None
+    run_id = run.info.run_id
+    handle = StageRun(stage, run_id, run.info.run_name, experiment_id, client)
+    active = mlflow.start_run(run_id=run_id)
     try:
-        yield run
+        client.set_tag(run_id, "retrain.pid", str(os.getpid()))  # the live owner, spared by stale-run cleanup
+        tags = run.data.tags
+        if tags.get(f"retrain.reused.{stage}"):
+            client.delete_tag(run_id, f"retrain.reused.{stage}")  # it ran after all
+        client.set_tag(run_id, f"retrain.ran.{stage}", "true")
+        _record_reused(handle, stage, tags)
+        if log_datasets is None:
+            log_datasets = STAGES.index(stage) > STAGES.index("split") and not run.inputs.dataset_inputs
+        if log_datasets and paths.SPLIT_CSV.exists():
+            log_dataset_inputs(handle, paths.SPLIT_CSV, params.data.url)
+        yield handle
+        _write_provenance(handle, params.tracking.experiment)
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
+    except MlflowException as error:
+        _end_quietly(RunStatus.FAILED)
+        raise _unreachable(error) from None
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_quietly(RunStatus.FAILED)
         raise
     mlflow.end_run()
+    del active
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch train/validation loss and accuracy to the active MLflow run, with `step`."""
+def _end_quietly(status) -> None:
+    import mlflow
+    from mlflow.entities import RunStatus
 
-    def on_epoch_end(self, epoch, logs=None):
-        names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
-        metrics = {names[k]: float(v) for k, v in (logs or {}).items() if k in names}
-        mlflow.log_metrics(metrics, step=epoch)
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception:  # the store may be the thing that failed
+        pass
 
 
-def log_misclassified_images(log_dir: Path, misclassified: list, limit: int = 8, size: int = 160) -> int:
-    """A few of the worst misclassified test images into TensorBoard, captioned true → predicted."""
-    import tensorflow as tf
+def _unreachable(error: Exception) -> RetrainError:
+    message = getattr(error, "message", None) or str(error)
+    return RetrainError(f"MLflow tracking store {tracking_uri()} failed ({message.splitlines()[0][:200]}); "
+                        "start it or unset MLFLOW_TRACKING_URI, then rerun `dvc repro`: finished outputs are kept")
 
-    from retrain.images import decode_image
 
-    shown = 0
-    with tf.summary.create_file_writer(str(Path(log_dir) / "test")).as_default():
-        for step, miss in enumerate(misclassified[:limit]):
-            try:
-                image = decode_image(tf.io.read_file(miss.path))
-            except (tf.errors.OpError, ValueError):
-                continue
-            image = tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (size, size), preserve_aspect_ratio=True)
-            name = f"misclassified/{miss.true_label} as {miss.predicted_label} ({miss.confidence:.2f})"
-            tf.summary.image(name, image[tf.newaxis], step=step)
-            shown += 1
-    return shown
+def _write_provenance(handle: StageRun, experiment: str) -> None:
+    from retrain.atomic import atomic_file
+
+    paths.RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {"stage": handle.stage, "run_id": handle.run_id, "run_name": handle.run_name,
+              "experiment": experiment, "tracking_uri": tracking_uri(), **handle.extra,
+              "tags": handle.tags, "metrics": handle.metrics}
+    with atomic_file(paths.RUNS_DIR / f"{handle.stage}.json") as temp:
+        temp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def find_run(target: str, experiment: str):
+    """A run by DVC experiment name, MLflow run id, or "workspace" (the run behind model/)."""
+    import mlflow
+
+    experiment_id = use_experiment(experiment)
+    client = mlflow.MlflowClient()
+    if target == "workspace":
+        provenance = read_provenance("export", project_root())
+        if provenance is None:
+            raise RetrainError(f"{paths.RUNS_DIR / 'export.json'}: not found; run `dvc repro` first")
+        target = provenance["run_id"]
+    if len(target) == 32 and all(c in "0123456789abcdef" for c in target):
+        return client.get_run(target)
+    found = client.search_runs([experiment_id], f"attributes.run_name = '{target}'", order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    if not found:
+        raise RetrainError(f"no MLflow run named '{target}' in experiment '{experiment}' at {tracking_uri()}; "
+                           "give a DVC experiment name (`dvc exp show`), a run id, or `workspace`")
+    return found[0]
+
+
+def promote(target: str, alias: str, registered_name: str, experiment: str) -> tuple[str, str]:
+    """Register the model of `target`'s run as a new version of `registered_name` with `alias`."""
+    import mlflow
+
+    run = find_run(target, experiment)
+    tags = run.data.tags
+    model_uri = tags.get("retrain.model_uri")
+    if not model_uri and tags.get("retrain.reused.export"):  # this execution reused an earlier export
+        model_uri = mlflow.MlflowClient().get_run(tags["retrain.reused.export"]).data.tags.get("retrain.model_uri")
+    if not model_uri:
+        raise RetrainError(f"MLflow run {run.info.run_id} ({run.info.run_name}) logged no model; "
+                           "its export stage did not run or failed")
+    version = mlflow.register_model(model_uri, registered_name, tags={"retrain.run_id": run.info.run_id})
+    mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
+    return run.info.run_name, version.version

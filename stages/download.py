@@ -1,18 +1,22 @@
 """download: fetch the image archive (or copy a folder) into data/raw/<name>/<class>/<image>."""
 
-import shutil
-
-from retrain import paths
+from retrain import layouts, paths, tracking
 from retrain.cache import cache_root
-from retrain.download import fetch_dataset
+from retrain.download import Limits, fetch_dataset
 from retrain.errors import exit_on_error
 from retrain.params import load_params
 
 
 def download():
     params = load_params()
-    shutil.rmtree(paths.RAW_DIR, ignore_errors=True)
-    root = fetch_dataset(params.data.url, params.data.sha256, paths.RAW_DIR, cache_root())
+    # fetch_dataset replaces data/raw only once the new dataset is complete, so no rmtree first.
+    limits = Limits.of(params.data)
+    root = fetch_dataset(params.data.url, params.data.sha256, paths.RAW_DIR, cache_root(), limits=limits)
+    if params.data.layout == "oxford102":
+        root = layouts.place_oxford_images(root)
+    layouts.fetch_extra_files(params.data.extra_files, root, cache_root(), limits=limits)
+    with tracking.stage_run("download", params) as run:
+        run.set_tags({"download.folder": root})
     print(f"images in {root}")
 
 

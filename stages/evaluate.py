@@ -1,42 +1,43 @@
-"""evaluate: test-split metrics for `dvc metrics`, plots for `dvc plots`, reports for people."""
+"""evaluate: test-split metrics for `dvc metrics`, plots for `dvc plots`, reports for people.
+
+Reads the one model that goes on (data/finetune/: fine-tuned or the frozen head, with the test
+features its backbone gives), never asking which stage produced it.
+"""
 
 import csv
 import json
 
-import mlflow
 import numpy as np
 
 from retrain import paths, tracking
 from retrain.errors import exit_on_error
-from retrain.evaluation import evaluate_predictions, flatten_metrics
+from retrain.evaluation import evaluate_predictions, mlflow_metrics
 from retrain.features import load_labels, load_split_arrays
-from retrain.finetune import evaluation_inputs
 from retrain.head import load_head
 from retrain.params import load_params
+from retrain.tensorboard_logs import TensorBoard
 from retrain.reports import top_misclassified, write_reports
 
 
 def evaluate():
     params = load_params()
-    labels = load_labels(paths.FEATURES_DIR)
-    features_dir, head = evaluation_inputs()  # the fine-tuned model's when the finetune stage ran enabled
-    x_test, y_test, test_paths = load_split_arrays(features_dir, "test")
-    probabilities = load_head(head).predict(x_test, batch_size=256, verbose=0)
+    labels = load_labels(paths.FINETUNE_DIR)
+    x_test, y_test, test_paths = load_split_arrays(paths.FINETUNE_DIR, "test")
+    probabilities = load_head(paths.FINETUNE_HEAD).predict(x_test, batch_size=256, verbose=0)
     metrics = evaluate_predictions(y_test, probabilities, labels, params.evaluate.top_k)
     paths.EVALUATE_DIR.mkdir(parents=True, exist_ok=True)
     paths.METRICS.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     np.savez(paths.PREDICTIONS, probabilities=probabilities, labels=y_test, paths=np.array(test_paths, dtype=str))
-    history = _read_history()
-    reports = write_reports(paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, history, params.evaluate.top_k)
-    run_name = tracking.read_run(paths.RUN_FILE)["run_name"]
-    worst = top_misclassified(y_test, probabilities, labels, test_paths, limit=8)
-    tracking.log_misclassified_images(paths.LOGS_DIR / run_name, worst)
-    with tracking.resumed_run(paths.RUN_FILE):
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in flatten_metrics(metrics, sep="_").items()})
+    reports = write_reports(paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, _read_history(), params.evaluate.top_k)
+    with tracking.stage_run("evaluate", params) as run:
+        run.log_metrics(mlflow_metrics(metrics))
+        import mlflow
+
         mlflow.log_artifacts(str(paths.REPORTS_DIR), artifact_path="reports")
         mlflow.log_artifact(str(paths.METRICS))
-        if (paths.LOGS_DIR / run_name).is_dir():
-            mlflow.log_artifacts(str(paths.LOGS_DIR / run_name), artifact_path="tensorboard")
+        board = TensorBoard(run.run_name)
+        board.write_misclassified(top_misclassified(y_test, probabilities, labels, test_paths, limit=8))
+        mlflow.log_artifacts(str(board.folder / "test"), artifact_path="tensorboard/test")
     print(f"test accuracy {metrics['accuracy']:.4f} on {len(y_test)} images; reports in {paths.REPORTS_DIR}/")
     return reports
 

@@ -1,8 +1,9 @@
-"""split: assign every image to train/validation/test by its name's hash; reject what won't decode."""
+"""split: assign every image to train/validation/test by its name's hash (or the dataset's official
+split), keep identical files in one split, reject what won't decode."""
 
 from pathlib import Path
 
-from retrain import paths
+from retrain import paths, tracking
 from retrain.download import dataset_root
 from retrain.errors import exit_on_error
 from retrain.params import load_params
@@ -15,13 +16,19 @@ def split():
         dataset_root(paths.RAW_DIR),
         paths.SPLIT_CSV,
         paths.REJECTED_CSV,
+        duplicates_csv=paths.DUPLICATES_CSV,
+        layout=params.data.layout,
+        labels=params.data.labels,
+        split=params.data.split,
         base_dir=Path.cwd(),
         validation_percentage=params.data.validation_percentage,
         testing_percentage=params.data.testing_percentage,
         min_images_per_class=params.data.min_images_per_class,
         max_image_pixels=params.data.max_image_pixels,
     )
-    print(", ".join(f"{n} {name}" for name, n in counts.items()))
+    with tracking.stage_run("split", params, log_datasets=True) as run:
+        run.set_tags({f"split.{name}": n for name, n in counts.items()})
+    print(", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items()))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
-"""train: fit the classification head on cached features; open this pipeline run's MLflow run."""
+"""train: fit the classification head on cached features, optionally after a seeded head search."""
 
 import csv
 import json
 import time
 
-import keras
-import mlflow
 import numpy as np
 
 from retrain import paths, tracking
@@ -13,7 +11,8 @@ from retrain.augment import load_views_array
 from retrain.errors import exit_on_error
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import save_head, train_head
-from retrain.params import flatten, load_params
+from retrain.params import load_params
+from retrain.tensorboard_logs import TensorBoard
 
 
 def train():
@@ -23,30 +22,67 @@ def train():
     x_val, y_val, _ = load_split_arrays(paths.FEATURES_DIR, "validation")
     x_views, y_views = load_views_array(paths.TRAIN_AUGMENTED)  # augment.copies views per train image
     x_train, y_train = np.concatenate([x_train, x_views]), np.concatenate([y_train, y_views])
-    meta = json.loads((paths.FEATURES_DIR / "meta.json").read_text())
-    run_id = tracking.start_run(
-        params.tracking.experiment,
-        flatten(params),
-        {"backbone_id": meta["backbone_id"], "dataset_hash": meta["dataset_hash"]},
-        paths.RUN_FILE,
-    )
-    run_name = tracking.read_run(paths.RUN_FILE)["run_name"]
-    with tracking.resumed_run(paths.RUN_FILE):
-        if paths.BOTTLENECKS_STATS.exists():
-            stats = json.loads(paths.BOTTLENECKS_STATS.read_text())
-            mlflow.log_metrics({f"bottlenecks_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
-        # Weight histograms every 10th epoch: each costs ~0.15 s, more than an epoch of training.
-        board = keras.callbacks.TensorBoard(str(paths.LOGS_DIR / run_name), histogram_freq=10)
-        started = time.perf_counter()
-        model, history = train_head(
-            (x_train, y_train), (x_val, y_val), len(labels), params.train, params.seed,
-            callbacks=[tracking.EpochLogger(), board],
-        )
-        seconds = time.perf_counter() - started
-        save_head(model, paths.HEAD)
-        _write_history(history)
-        mlflow.log_metrics({"epochs_trained": len(history["loss"]), "train_seconds": round(seconds, 3)})
-    print(f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run_id} ({run_name})")
+    head_params, search = params.train, None
+    if params.train.search.trials:
+        from retrain.search import search_head
+
+        search = search_head((x_train, y_train), (x_val, y_val), len(labels), params.train, params.seed)
+        head_params = params.train.model_copy(update=search.best_params)
+    weights = {}  # weight histograms for TensorBoard every 10th epoch (cheap copies, written once)
+    started = time.perf_counter()
+    model, history = train_head((x_train, y_train), (x_val, y_val), len(labels), head_params, params.seed,
+                                on_epoch=lambda epoch, logs, m: _keep_weights(weights, epoch, m))
+    seconds = time.perf_counter() - started
+    save_head(model, paths.HEAD)
+    _write_history(history)
+    _write_search(search)
+    with tracking.stage_run("train", params) as run:
+        for epoch in range(len(history["loss"])):
+            run.log_metrics({_metric_name(key): values[epoch] for key, values in history.items()}, step=epoch)
+        run.set_tags({"train.epochs": len(history["loss"]), "train.seconds": round(seconds, 3)})
+        if search is not None:
+            _log_search(run, search)
+        board = TensorBoard(run.run_name)
+        board.write_history(history, weights)
+        import mlflow
+
+        mlflow.log_artifacts(str(board.folder), artifact_path="tensorboard")
+    print(f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run.run_id} ({run.run_name})")
+
+
+def _metric_name(key: str) -> str:
+    """Keras history keys → MLflow chart groups: loss → train/loss, val_accuracy → val/accuracy."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+def _keep_weights(weights: dict, epoch: int, model) -> None:
+    if epoch % 10 == 0:
+        weights[epoch] = [(v.path, np.array(v.numpy())) for v in model.trainable_variables]
+
+
+def _log_search(run, search) -> None:
+    """Each trial as a child run of this execution's run: the UI compares them side by side."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    for trial in search.trials:
+        child = run.client.create_run(run.experiment_id, run_name=f"{run.run_name}-trial-{trial.number:02d}",
+                                      tags={"mlflow.parentRunId": run.run_id, "retrain.trial": str(trial.number)})
+        history, now = trial.history, int(time.time() * 1000)
+        metrics = [Metric(_metric_name(key), value, now, step) for key, values in history.items() for step, value in enumerate(values)]
+        metrics.append(Metric("search/val_loss", trial.value, now, 0))
+        run.client.log_batch(child.info.run_id, metrics=metrics[:1000],
+                             params=[Param(f"train.{k}", str(v)) for k, v in trial.params.items()],
+                             tags=[RunTag("train.epochs", str(trial.epochs))])
+        run.client.set_terminated(child.info.run_id)
+    run.log_metrics({"search/best_val_loss": search.best_value})
+    run.set_tags({f"search.best.{key}": value for key, value in search.best_params.items()})
+
+
+def _write_search(search) -> None:
+    """search.json for `dvc exp show`: the best params and their validation loss, or trials 0."""
+    record = {"trials": 0} if search is None else {
+        "trials": len(search.trials), "best_val_loss": search.best_value, "best": search.best_params}
+    paths.SEARCH_JSON.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _write_history(history: dict[str, list[float]]) -> None:

