@@ -5,10 +5,10 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 DATA ?=
 
-.PHONY: help venv run test test-fast bench mlflow-ui clean
+.PHONY: help venv run test test-fast bench mlflow-ui team-server clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed  ## create .venv with the pinned dependencies
 
@@ -38,6 +38,9 @@ bench: venv  ## measure speed and memory (benchmarks/), print a table, save JSON
 
 mlflow-ui: venv  ## open the MLflow UI on the default store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
+
+team-server: venv  ## PostgreSQL + MLflow server for a team (TEAM_DIR, HOST, PORT, AUTH=1); prints the URI to export
+	MLFLOW="$(abspath $(BIN))/mlflow" scripts/team_server.sh
 
 clean:  ## remove the venv (the feature cache in ~/.cache/retrain stays)
 	rm -rf $(VENV)

@@ -1,8 +1,9 @@
 """How fast is the embedded backbone? Features per second by batch size, and first-use cost.
 
-Measures efficientnet_lite0 on in-memory 224x224 batches (batch 1, 32, 64, 128), `features`
-called through a tf.function as the bottlenecks and export stages call it, after a warm-up; and
-the one-time conversion from PyTorch weights into a fresh cache folder. Prints a table and writes
+Measures efficientnet_lite0 on in-memory batches at its size (batch 1, 32, 64, 128): `features`
+called through a tf.function as fine-tuning and export call it, and `extract` on XNNPACK as the
+bottlenecks stage calls it, after a warm-up; and the one-time conversions (PyTorch weights to a
+SavedModel, then to .tflite) into a fresh cache folder. Prints a table and writes
 benchmarks/results/backbone.json. `--xla` adds `jit_compile=True` runs: on a 2-core CPU they were
 ~10x slower (XLA's CPU depthwise convolutions), which is why the model does not use XLA.
 
@@ -32,21 +33,23 @@ def first_use():
     with tempfile.TemporaryDirectory() as cache:
         os.environ["RETRAIN_CACHE_DIR"] = cache
         start = time.perf_counter()
-        load_backbone("efficientnet_lite0")
+        load_backbone("efficientnet_lite0", runtime="xnnpack")
         converted = time.perf_counter() - start
         start = time.perf_counter()
-        backbone = load_backbone("efficientnet_lite0")
+        backbone = load_backbone("efficientnet_lite0", runtime="xnnpack")
         cached = time.perf_counter() - start
+        first = np.zeros((1, *backbone.image_size, 3), np.float32)
+        backbone.features(first), backbone.extract(first)  # both runtimes opened before the folder goes
     return converted, cached, backbone
 
 
-def images_per_second(fn, batch, seconds):
-    images = tf.constant(np.random.default_rng(0).random((batch, 224, 224, 3), np.float32))
+def images_per_second(fn, batch, seconds, size):
+    images = tf.constant(np.random.default_rng(0).random((batch, *size, 3), np.float32))
     for _ in range(2):  # warm-up: tracing, XLA compilation, oneDNN primitive caches
-        fn(images).numpy()
+        np.asarray(fn(images))
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or count < 3:
-        fn(images).numpy()
+        np.asarray(fn(images))
         count += 1
     return count * batch / (time.perf_counter() - start)
 
@@ -59,19 +62,21 @@ def main():
 
     converted, cached, backbone = first_use()
     rows = []
-    for jit in (False, True) if args.xla else (False,):
-        fn = tf.function(lambda x: backbone.features(x), jit_compile=jit)
+    runs = [("xnnpack", False, backbone.extract)]
+    runs += [("tensorflow", jit, tf.function(lambda x: backbone.features(x), jit_compile=jit))
+             for jit in ((False, True) if args.xla else (False,))]
+    for runtime, jit, fn in runs:
         for batch in BATCH_SIZES:
-            rate = images_per_second(fn, batch, args.seconds)
-            rows.append({"batch": batch, "xla": jit, "images_per_s": round(rate, 1)})
+            rate = images_per_second(fn, batch, args.seconds, backbone.image_size)
+            rows.append({"runtime": runtime, "batch": batch, "xla": jit, "images_per_s": round(rate, 1)})
 
     load = os.getloadavg()[0]
     print(f"efficientnet_lite0 on {os.cpu_count()} CPU cores (load {load:.1f}), "
           f"TensorFlow {tf.__version__}")
     print(f"first use (convert + load): {converted:.2f} s   cached load: {cached:.2f} s")
-    print(f"{'batch':>5}  {'xla':>5}  {'images/s':>9}")
+    print(f"{'runtime':>10}  {'batch':>5}  {'xla':>5}  {'images/s':>9}")
     for r in rows:
-        print(f"{r['batch']:>5}  {str(r['xla']):>5}  {r['images_per_s']:>9.1f}")
+        print(f"{r['runtime']:>10}  {r['batch']:>5}  {str(r['xla']):>5}  {r['images_per_s']:>9.1f}")
 
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:

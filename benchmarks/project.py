@@ -1,12 +1,13 @@
 """Part B of benchmarks/run.py: the real pipeline in a temporary git + DVC project, timed per stage.
 
-Uses tests/test_pipeline.py's helpers (`make_project`, `run`, `set_params`, `ran_stages`) with
+Uses tests/project.py's helpers (`make_project`, `run`, `set_params`, `ran_stages`) with
 efficientnet_lite0 and the image folder as `data.url`, then restores the project's default params
 (those helpers tune them for tiny test data). Stage processes are polled with psutil for their own
 lifetime and peak RSS, so `dvc`'s own start-up is not charged to a stage.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +20,20 @@ from pathlib import Path
 import psutil
 import yaml
 
-from test_pipeline import BIN, REPO, make_project, ran_stages, run, set_params
+
+
+def _test_helpers():
+    """tests/project.py under another name: this module is `project` too on benchmarks' sys.path."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "project.py"
+    spec = importlib.util.spec_from_file_location("tests_project", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_helpers = _test_helpers()
+BIN, REPO, make_project, ran_stages, run, set_params = (
+    getattr(_helpers, name) for name in ("BIN", "REPO", "make_project", "ran_stages", "run", "set_params"))
 
 # make_project tunes these for 48 tiny test images; the benchmark runs with the shipped defaults.
 DEFAULTS = ["data.validation_percentage", "data.testing_percentage", "train.learning_rate", "train.epochs",
@@ -79,12 +93,16 @@ def _sha256(path: Path) -> str:
 
 
 def bench_cache(root: Path) -> Path:
-    """Point RETRAIN_CACHE_DIR at a fresh folder (cold features) that reuses the converted backbone."""
+    """Point RETRAIN_CACHE_DIR at a fresh folder (cold features) that reuses the converted backbone
+    and its XNNPACK conversion (both made once, ever, in the user's cache)."""
+    from retrain.backbones import load_backbone, xnnpack
     from retrain.backbones.efficientnet_lite import convert
 
-    converted = Path(convert())  # in the user's cache: converted once, ever
+    converted = Path(convert())
+    tflite = xnnpack.tflite_path(load_backbone("efficientnet_lite0", runtime="xnnpack").weights_id)
     (root / "backbones").mkdir(parents=True)
-    (root / "backbones" / converted.name).symlink_to(converted)
+    for made in (converted, tflite):
+        (root / "backbones" / made.name).symlink_to(made)
     os.environ["RETRAIN_CACHE_DIR"] = str(root)
     return root
 

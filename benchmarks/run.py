@@ -33,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 
+import bench_head  # noqa: E402  (benchmarks/bench_head.py)
 import measure  # noqa: E402  (benchmarks/measure.py)
 import project  # noqa: E402  (benchmarks/project.py)
 
@@ -77,7 +78,11 @@ def main(argv=None) -> int:
         result["compare"] = measure.side_by_side(images, args.compare_images, args.rounds, work / "compare")
         ceiling_now = result["compare"].pop("_ceiling_now")
         result["pipeline"] = project.pipeline_figures(images, work, cache, ceiling_now)
-        result["predict"] = measure.predict_figures(result["pipeline"].pop("_project"), images, args.compare_images)
+        root = result["pipeline"].pop("_project")
+        result["startup"] = measure.startup_figures(root, max(3, args.rounds))
+        result["predict"] = measure.predict_figures(root, images, args.compare_images)
+        # The head on this project's features: its fit beside Keras fit, and the 20-trial search.
+        result["head"] = bench_head.figures(root / "data" / "features", args.rounds, trials=3 if args.quick else 20)
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["total_s"] = round(time.time() - started, 1)
         result["table"] = measure.table(result)

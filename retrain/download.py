@@ -427,7 +427,8 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(dest, filter=_tar_filter(archive, budget))  # one pass over the stream
     except (tarfile.TarError, *_DECOMPRESS_ERRORS) as e:
-        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged or not an archive, "
+        reason = str(e).splitlines()[0].rstrip(":")  # tarfile lists each method it tried, a line each
+        raise RetrainError(f"cannot extract {archive}: {reason}; the archive is damaged or not an archive, "
                            "delete it and retry") from None
 
 

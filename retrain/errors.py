@@ -7,6 +7,7 @@ the file; anything else is a bug and keeps its traceback.
 """
 
 import errno
+import os
 import re
 
 # A full disk, a full quota, a `ulimit -f` file-size limit: the user frees space and reruns.
@@ -30,10 +31,29 @@ def no_space_message(error: BaseException) -> str | None:
         if match is None:
             return None
         too_large, where = match.group(2) == "File too large", match.group(1)
-    where = where or "an output (the file name was not reported)"
+    where = where or _path_in_traceback(error.__traceback__) or "an output (the file name was not reported)"
     if too_large:
         return f"file too large writing {where} (a file-size limit, see `ulimit -f`): raise it and rerun; finished work is kept"
     return f"disk full writing {where}: free space and rerun; finished work is kept"
+
+
+# Names the writers' frames give the file they write (ours, tarfile's, shutil's).
+_PATH_LOCALS = ("path", "targetpath", "target", "dst", "temp", "part")
+
+
+def _path_in_traceback(traceback) -> str | None:
+    """The file a failed write was writing, when the OSError does not say (a write() never does):
+    a path-like local of the innermost frame that has one."""
+    frames = []
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in reversed(frames):
+        for name in _PATH_LOCALS:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+                return os.fspath(value)
+    return None
 
 
 def exit_on_error(function):

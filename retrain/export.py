@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from retrain.atomic import atomic_dir
 from retrain.errors import RetrainError
+from retrain.image_header import MAX_SERVING_PIXELS, check_pixels
 from retrain.images import decode_image, resize_image
 from retrain.tflite_metadata import write_metadata
 from retrain.tflite_variants import convert
@@ -25,8 +26,9 @@ _ACTIVATIONS = {"softmax": tf.nn.softmax, "relu": tf.nn.relu, "linear": tf.ident
 class Classifier(tf.Module):
     """Backbone + dense head, with signatures `serving_default` (bytes) and `classify_images`."""
 
-    def __init__(self, backbone, dense_layers, labels: list[str], top_k: int):
+    def __init__(self, backbone, dense_layers, labels: list[str], top_k: int, max_image_pixels: int = MAX_SERVING_PIXELS):
         super().__init__(name="retrain_classifier")
+        self.max_image_pixels = max_image_pixels  # a constant of the serving graph
         self.backbone = backbone.module  # tracked, so its variables are saved with the model
         self._features = backbone.features
         self._single_pass_features = backbone.single_pass_features
@@ -43,6 +45,10 @@ class Classifier(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         self.labels = tf.function(lambda: {"labels": tf.identity(self.label_table)}, input_signature=[])
 
+    def _decode_checked(self, contents):
+        with tf.control_dependencies([check_pixels(contents, self.max_image_pixels)]):  # before decoding
+            return resize_image(decode_image(contents), self.image_size)
+
     def _classify_images(self, images, single_pass=False):
         """float32 [N,H,W,3] in [0,1] → {"probabilities": float32 [N,C]}."""
         x = self._single_pass_features(images) if single_pass else self._features(images)
@@ -51,10 +57,12 @@ class Classifier(tf.Module):
         return {"probabilities": x}
 
     def _serve(self, image_bytes):
-        """string [N] of encoded images → probabilities [N,C], top_k_labels/_probabilities/_indices [N,K]."""
-        images = tf.map_fn(
-            lambda contents: resize_image(decode_image(contents), self.image_size),
-            image_bytes,
+        """string [N] of encoded images → probabilities [N,C], top_k_labels/_probabilities/_indices [N,K].
+
+        An image whose header announces more than max_image_pixels fails the call with an
+        InvalidArgumentError before any pixel is decoded (a client may send a decompression bomb).
+        """
+        images = tf.map_fn(self._decode_checked, image_bytes,
             fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32),
         )
         probabilities = self._classify_images(images)["probabilities"]
@@ -76,8 +84,9 @@ def check_accuracy(accuracy: float, min_accuracy: float) -> None:
         )
 
 
-def build_classifier(backbone, dense_layers, labels: list[str], top_k: int) -> Classifier:
-    return Classifier(backbone, dense_layers, labels, top_k)
+def build_classifier(backbone, dense_layers, labels: list[str], top_k: int,
+                     max_image_pixels: int = MAX_SERVING_PIXELS) -> Classifier:
+    return Classifier(backbone, dense_layers, labels, top_k, max_image_pixels)
 
 
 def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None:

@@ -170,7 +170,8 @@ def image_dataset(paths, image_size, batch_size: int, transform=None, seeds=None
     def row(path, seed, *rest):
         return (load(path, seed), *rest)
 
-    dataset = tf.data.Dataset.from_tensor_slices((list(paths), seeds, *extra))
+    paths = tf.constant([str(p) for p in paths], tf.string)  # typed: an empty split stays strings
+    dataset = tf.data.Dataset.from_tensor_slices((paths, seeds, *extra))
     dataset = dataset.map(row, num_parallel_calls=DECODE_CALLS, deterministic=True).ignore_errors()
     return batched(dataset, batch_size)
 
@@ -214,7 +215,7 @@ def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) ->
     Cache writes run on a background thread, overlapped with the next batch's inference.
     Returns how many vectors were computed.
     """
-    computed = 0
+    computed, writing = 0, None
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total, unit="img", desc=desc, mininterval=1.0) as bar:
         for images, keys in batches:
             # On the backbone's runtime (XNNPACK where it converts). On TensorFlow it is called as
@@ -222,9 +223,13 @@ def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) ->
             # wrapping it in a new tf.function cost a trace per call (0.3 s) and another for the
             # last, shorter batch.
             vectors = backbone.extract(images)
-            writer.submit(_put_batch, cache, [key.decode() for key in keys.numpy()], vectors)
+            if writing is not None:  # a failed write (a full disk) must stop the stage, not vanish
+                writing.result()
+            writing = writer.submit(_put_batch, cache, [key.decode() for key in keys.numpy()], vectors)
             bar.update(len(vectors))
             computed += len(vectors)
+        if writing is not None:
+            writing.result()
     return computed
 
 

@@ -111,10 +111,10 @@ def _mat_vector(path: Path, key: str) -> list[int]:
     import numpy as np
     import scipy.io
 
+    if not path.is_file():
+        raise RetrainError(f"{path} not found; list it in data.extra_files (Oxford 102's {path.name}) or put it beside jpg/")
     try:
         content = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise RetrainError(f"{path} not found; list it in data.extra_files (Oxford 102's {path.name}) or put it beside jpg/") from None
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... on damaged files
         raise RetrainError(f"{path}: not a readable MATLAB file ({e}); download it again") from None
     values = content.get(key)
@@ -191,7 +191,12 @@ def fetch_extra_files(files, dest: Path, cache_dir: Path, *, limits=None, **retr
         if not name or name.startswith(".") or dest / name in placed:
             raise RetrainError(f"{key}.url {extra.url!r}: needs a distinct, visible file name at the end of the URL")
         source = _extra_source(extra.url, key, cache_dir, limits, retry)
-        _check_digest(source, extra.sha256, key, extra.url, downloaded=source.is_relative_to(cache_dir))
+        downloaded = source.is_relative_to(cache_dir)
+        if downloaded and extra.sha256 and download.file_sha256(source) != extra.sha256:
+            # Maybe cached from an earlier, different file at that URL: fetch once more, then judge.
+            source.unlink()
+            source = _extra_source(extra.url, key, cache_dir, limits, retry)
+        _check_digest(source, extra.sha256, key, extra.url, downloaded)
         shutil.copyfile(source, dest / name)
         placed.append(dest / name)
     return placed
@@ -201,7 +206,7 @@ def _extra_source(url: str, key: str, cache_dir: Path, limits, retry: dict) -> P
     """The file to copy: the verified cache entry of a URL, or the local file itself."""
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        # Checked below with this file's own key; the cache entry is removed there on a mismatch.
+        # Checked by the caller against this file's own key, which the mismatch message names.
         return download._cached_download(
             url, None, Path(cache_dir), retry["retries"], retry["backoff_s"], retry["timeout_s"], limits
         )

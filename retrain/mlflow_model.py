@@ -28,7 +28,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.serve = tf.saved_model.load(context.artifacts["saved_model"]).signatures["serving_default"]
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = [checked_image(i, value) for i, value in enumerate(pd.DataFrame(model_input)["image"])]
         try:
             out = self.serve(image_bytes=tf.constant(images))

@@ -83,6 +83,13 @@ class AugmentParams(_Section):
     brightness: float = Field(ge=0, le=1)
 
 
+class SearchParams(_Section):
+    """The opt-in head search (retrain/search.py); its space is documented in code there."""
+
+    trials: int = Field(ge=0, le=1000)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
 class TrainParams(_Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -95,6 +102,7 @@ class TrainParams(_Section):
     l2: float = Field(ge=0)
     early_stopping_patience: int = Field(ge=0)
     class_weights: Literal["none", "balanced"]
+    search: SearchParams
 
 
 class FinetuneParams(_Section):

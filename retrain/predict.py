@@ -1,5 +1,8 @@
 """`retrain predict`: classify image files with an exported model, as predict.py always did.
 
+The model is the exported SavedModel folder or any of export's .tflite files (labels and input
+normalisation read from its TFLite metadata), with the same flags and output.
+
 Prints every label's probability (or the top K) per image; `--category_names` maps labels to
 display names (keys are label names, or 1-based class indices as in Oxford 102's label_map.json);
 `--json` prints machine-readable output; `--show` draws the image beside its top predictions.
@@ -78,18 +81,20 @@ def _read_checked(path: Path) -> bytes:
 
 
 def predict_files(model, files: list[Path], names: list[str], top_k: int | None) -> list[Prediction]:
-    """Classify each file alone, so one bad file cannot spoil the others' answers."""
+    """Classify each file alone, so one bad file cannot spoil the others' answers.
+
+    model: a loaded SavedModel (`retrain.export.load_model`) or a `TfliteModel`."""
     import tensorflow as tf
 
     from retrain.split import rejection_reason
 
-    serve = model.signatures["serving_default"]
+    probabilities_of = _probabilities_function(model)
     results = []
     for path in files:
         result = Prediction(str(path))
         try:
             contents = _read_checked(path)
-            probabilities = serve(image_bytes=tf.constant([contents]))["probabilities"].numpy()[0]
+            probabilities = probabilities_of(contents)
         except RetrainError as error:
             result.error = str(error)
         except OSError as error:
@@ -102,6 +107,30 @@ def predict_files(model, files: list[Path], names: list[str], top_k: int | None)
             result.probabilities = [float(probabilities[i]) for i in order]
         results.append(result)
     return results
+
+
+def _probabilities_function(model):
+    """encoded bytes → float32 [C], through the SavedModel's serving signature or the TFLite interpreter."""
+    import tensorflow as tf
+
+    if not hasattr(model, "signatures"):
+        return model.probabilities
+    serve = model.signatures["serving_default"]
+    return lambda contents: serve(image_bytes=tf.constant([contents]))["probabilities"].numpy()[0]
+
+
+def load_classifier(model_path: Path):
+    """(model, labels): a .tflite file (labels from its metadata) or an exported SavedModel folder."""
+    model_path = Path(model_path)
+    if model_path.suffix == ".tflite" and not model_path.is_dir():
+        from retrain.tflite_variants import TfliteModel
+
+        model = TfliteModel.from_file(model_path)
+        return model, model.labels
+    from retrain.export import load_model
+
+    model = load_model(model_path)
+    return model, [label.decode() for label in model.signatures["labels"]()["labels"].numpy()]
 
 
 def print_text(results: list[Prediction], out=None) -> None:
@@ -148,15 +177,12 @@ def show(result: Prediction) -> Path | None:
 
 def run(args) -> int:
     """The predict command; returns the exit status (1 when any file failed)."""
-    from retrain.export import load_model
-
     if args.top_k is not None and args.top_k < 1:
         raise RetrainError(f"--top_k must be at least 1 (got {args.top_k})")
     files = image_files(args.inputs)
     if not files:
         raise RetrainError(f"no files found in {' '.join(args.inputs)}")
-    model = load_model(Path(args.model))
-    labels = [label.decode() for label in model.signatures["labels"]()["labels"].numpy()]
+    model, labels = load_classifier(Path(args.model))
     names = load_category_names(args.category_names, labels)
     results = predict_files(model, files, names, args.top_k)
     if args.json:

@@ -4,7 +4,7 @@
 `augment.compute_views`) for ones with the same signature and stats that run on Ray: the rows of
 split.csv whose cache entry is missing become a Ray dataset of (cache key, image path, view seed);
 `map_batches` sends them to a pool of actors, each of which loads the backbone once, decodes with
-the project's one decoder (`retrain.images`, plus `augment_image` for views) and writes every
+the project's one image pipeline (`features.image_loader`, with `augment.augmenter` for views) and writes every
 vector into the same content-addressed `FeatureCache` (atomic entries), so a cache filled by
 either engine serves the other. The driver only counts what comes back (a tqdm bar with images/s
 beside Ray Data's own progress) and then writes the split arrays exactly as the local engine does.
@@ -29,6 +29,7 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 # Blocks the driver cuts the rows into: enough for every actor to get work and for a lost block to
 # be cheap to redo, few enough that the driver does not hold millions of tiny objects.
 MAX_BLOCKS = 1000
+ACTOR_START_TIMEOUT_S = 600  # a backbone actor imports TensorFlow and loads the model: seconds, not minutes
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,9 @@ def feature_engine(params):
     them the same way whichever engine runs.
     """
     if params.engine == "local":
-        from retrain.augment import compute_views
-        from retrain.features import compute_features
+        from retrain import augment, features
 
-        return compute_features, compute_views
+        return features.compute_features, augment.compute_views
     return (functools.partial(compute_features, address=params.ray_address, actors=params.ray_actors),
             functools.partial(compute_views, address=params.ray_address, actors=params.ray_actors))
 
@@ -62,7 +62,7 @@ def compute_features(examples, backbone, cache, batch_size: int, *, address=None
     """Ray's `features.compute_features`: fill the cache for every example it lacks; return counts."""
     missing = {}
     for example in examples:
-        if example.sha256 not in missing and cache.get(example.sha256) is None:
+        if example.sha256 not in missing and not cache.has(example.sha256):
             missing[example.sha256] = (example.path, (0, 0))
     stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
     stats.update(_run(missing, backbone, cache, batch_size, None, address, actors, "bottlenecks"))
@@ -75,7 +75,7 @@ def compute_views(examples, backbone, cache, params, seed: int, batch_size: int,
 
     views, missing = views_of(examples, params, seed), {}
     for example, view, key in views:
-        if key not in missing and cache.get(key) is None:
+        if key not in missing and not cache.has(key):
             missing[key] = (example.path, view_seed(seed, example.sha256, view))
     stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing)}
     run = _run(missing, backbone, cache, batch_size, params.model_dump(), address, actors, "augmented views")
@@ -89,6 +89,7 @@ def _run(missing: dict, backbone, cache, batch_size, augment, address, actors, d
     computed, run = 0, {}
     if missing:
         run = connect(address)
+        # FeatureCache keeps root/<backbone id>/p<version>: the actors rebuild it from the root.
         job = Job(backbone.name, backbone.image_size, backbone.id, str(cache.folder.parents[1]), augment,
                   backbone.runtime)
         computed, nodes = _map(missing, job, batch_size, actors or run["ray_cpus"], desc)
@@ -108,8 +109,12 @@ def connect(address: str | None = None) -> dict:
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        # Actors' stderr comes to the driver: TensorFlow's start-up chatter would drown Ray's progress.
-        runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+        from retrain.cache import cache_root
+
+        # Actors find converted backbones where the driver does (the shared cache root), and keep
+        # TensorFlow's start-up chatter out of the logs Ray forwards to the driver.
+        runtime_env = {"env_vars": {"RETRAIN_CACHE_DIR": str(cache_root()),
+                                    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
         try:
             if address:
                 ray.init(address=address, runtime_env=runtime_env, logging_level="warning")
@@ -130,6 +135,9 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     import ray.data
     from tqdm import tqdm
 
+    # Start the whole pool before the first batch: otherwise the first actor up takes every block
+    # of a small job while the others still load the backbone. A pool that cannot start fails.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     dataset = ray.data.from_pandas(_blocks(missing, batch_size))
     results = dataset.map_batches(
         _Embedder, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
@@ -137,11 +145,16 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     )
     computed, nodes = 0, set()
     with tqdm(total=len(missing), unit="img", desc=f"{desc} (ray)", mininterval=1.0) as bar:
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            done = int(batch["computed"].sum())
-            computed += done
-            nodes.update(batch["node"].tolist())
-            bar.update(done)
+        try:
+            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                done = int(batch["computed"].sum())
+                computed += done
+                nodes.update(batch["node"].tolist())
+                bar.update(done)
+        except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
+            # Every finished batch is already in the cache: a rerun computes only the rest.
+            raise RetrainError(f"bottlenecks.engine ray: the Ray job stopped after {computed} of {len(missing)} "
+                               f"{desc} ({_first_line(e)}); rerun `dvc repro` to compute only the rest") from None
     return computed, len(nodes)
 
 
@@ -166,14 +179,16 @@ class _Embedder:
 
     def __init__(self, job: Job):
         import ray
+
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        # As many inference threads as CPUs Ray gave this actor: the runtimes' default of one per
+        # core in every actor would oversubscribe the node. XNNPACK reads this when first imported.
+        os.environ.setdefault("RETRAIN_XNNPACK_THREADS", str(cpus))
         import tensorflow as tf
 
         from retrain.backbones import load_backbone
-        from retrain.features import FeatureCache
+        from retrain.features import FeatureCache, image_loader
 
-        # One actor per CPU Ray gives it: TensorFlow's default of one thread per core in every
-        # actor would oversubscribe the node.
-        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         try:
             tf.config.threading.set_intra_op_parallelism_threads(cpus)
             tf.config.threading.set_inter_op_parallelism_threads(cpus)
@@ -183,9 +198,11 @@ class _Embedder:
         if self.backbone.id != job.backbone_id:
             raise RetrainError(f"backbone {job.backbone!r} loads as {self.backbone.id[:12]} on node "
                                f"{ray.get_runtime_context().get_node_id()[:12]}, not the driver's "
-                               f"{job.backbone_id[:12]}; give every node the same weights")
+                               f"{job.backbone_id[:12]}; give every node the same weights and runtime")
         self.cache = FeatureCache(Path(job.cache_root), self.backbone.id, self.backbone.feature_dim)
-        self.load = _image_loader(self.backbone.image_size, job.augment)
+        # The local engine's per-image step, traced once per actor: a tf.data pipeline per Ray batch
+        # retraced the decoder every time (~150 ms per 32 images, measured), more than decoding them.
+        self.load = image_loader(tuple(self.backbone.image_size), _transform(job.augment))
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -199,37 +216,19 @@ class _Embedder:
             except tf.errors.OpError:  # as the local engine: an image that changed since split is skipped
                 continue
         if images:
-            vectors = self.backbone.extract(tf.stack(images))
-            for key, vector in zip(keys, vectors):
+            for key, vector in zip(keys, self.backbone.extract(tf.stack(images))):
                 self.cache.put(key, vector)
         return {"computed": np.array([len(keys)]), "node": np.array([self.node])}
 
 
-@functools.lru_cache(maxsize=4)
-def _image_loader_cached(image_size, augment_items):
-    import tensorflow as tf
-
-    from retrain.augment import augment_image
-    from retrain.images import decode_image, resize_image
+def _transform(augment: dict | None):
+    """`augment.augmenter` for views (params given as a dict), None for the photos as they are."""
+    if augment is None:
+        return None
+    from retrain.augment import augmenter
     from retrain.params import AugmentParams
 
-    params = AugmentParams(**dict(augment_items)) if augment_items is not None else None
-
-    # Traced once per actor, not per batch: a new tf.data pipeline per Ray batch retraced the
-    # decoder each time (~150 ms per 32 images, measured), more than decoding them.
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)], autograph=False)
-    def load(path, seed):
-        image = decode_image(tf.io.read_file(path))
-        if params is not None:
-            image = augment_image(image, seed, params)
-        return resize_image(image, image_size)
-
-    return load
-
-
-def _image_loader(image_size, augment: dict | None):
-    """path, view seed → float32 [H, W, 3]: `augment.image_dataset`'s per-image step, as one tf.function."""
-    return _image_loader_cached(tuple(image_size), None if augment is None else tuple(sorted(augment.items())))
+    return augmenter(AugmentParams(**augment))
 
 
 def _first_line(error) -> str:

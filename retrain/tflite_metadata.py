@@ -7,10 +7,12 @@ our files as they are and names classes with `category_name`. Read back with Med
 file, as any client would. mediapipe is imported only here and only when called: it is large.
 """
 
+import importlib.util
 import json
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 from retrain.errors import RetrainError
 
@@ -31,16 +33,26 @@ class TfliteMetadata:
     std: tuple[float, ...]
 
 
+def _import_mediapipe() -> None:
+    """Import mediapipe's metadata modules, mending two faults of its wheels first and last."""
+    _provide_parser_version()
+    from mediapipe.tasks.python.audio.core import audio_record
+    from mediapipe.tasks.python.metadata import metadata  # noqa: F401
+
+    # Without PortAudio (no sound here) mediapipe keeps sounddevice's OSError, and with it the
+    # importing stack's frames: the first caller's locals (a whole classifier) would never be freed.
+    if getattr(audio_record, "sd_error", None) is not None:
+        audio_record.sd_error = audio_record.sd_error.with_traceback(None)
+
+
 def _provide_parser_version() -> None:
     """mediapipe 0.10.30+ wheels (1.2.3 included) lack the compiled `_pywrap_metadata_version` that
     its metadata.py imports for one call, the minimum parser version; everything else is pure Python
     or in libmediapipe.so. Stand in for it with the version our writer's fields need, unless a
     wheel that ships the real module is installed."""
-    try:
-        __import__(_VERSION_MODULE)
+    tasks = importlib.util.find_spec("mediapipe.tasks")
+    if _VERSION_MODULE in sys.modules or any((Path(p) / "cc").is_dir() for p in tasks.submodule_search_locations):
         return
-    except ImportError:
-        pass
     parts = _VERSION_MODULE.split(".")
     for depth in range(3, len(parts)):
         sys.modules.setdefault(".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
@@ -52,7 +64,7 @@ def _provide_parser_version() -> None:
 def write_metadata(model: bytes, labels: list[str]) -> bytes:
     """The .tflite `model` with image classifier metadata: labels.txt embedded, input normalisation
     (mean 0, std 255: pixels to [0, 1]); the input type (float32 or uint8) is the model's own."""
-    _provide_parser_version()
+    _import_mediapipe()
     from mediapipe.tasks.python.metadata.metadata_writers import image_classifier, metadata_writer
 
     writer = image_classifier.MetadataWriter.create(
@@ -64,7 +76,7 @@ def write_metadata(model: bytes, labels: list[str]) -> bytes:
 
 def read_metadata(model: bytes, source: str) -> TfliteMetadata:
     """Labels and normalisation from a .tflite file's metadata; one line naming `source` when absent."""
-    _provide_parser_version()
+    _import_mediapipe()
     from mediapipe.tasks.python.metadata import metadata
 
     try:

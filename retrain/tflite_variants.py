@@ -21,6 +21,7 @@ import tensorflow as tf
 from retrain.atomic import atomic_file
 from retrain.backbones.xnnpack import interpreter_class
 from retrain.errors import RetrainError
+from retrain.features import read_split
 from retrain.images import decode_image, resize_image
 from retrain.tflite_metadata import read_metadata, write_metadata
 
@@ -172,14 +173,17 @@ def representative_images(train_paths: list[str], count: int, seed: int, size: t
     return np.stack([load_image(Path(train_paths[i]).read_bytes(), size) for i in sorted(chosen)])
 
 
-def export_variants(classifier, out_dir: Path, variants: list[str], train_paths: list[str], test_paths: list[str],
-                    test_labels: np.ndarray, max_drop: float, representative_count: int, seed: int) -> dict[str, float]:
-    """Convert, evaluate and gate the quantized `variants` beside out_dir/model.tflite (float32,
-    written by save_classifier); write the accepted ones and out_dir/tflite_metrics.json.
-    Returns flat metrics for MLflow: tflite_<variant>_accuracy, _size_bytes, _latency_ms, _written."""
+def export_variants(classifier, out_dir: Path, export, seed: int, train_paths: list[str], test_paths: list[str],
+                    test_labels: np.ndarray) -> dict[str, float]:
+    """Convert, evaluate and gate the `export.tflite_quantized` variants beside out_dir/model.tflite
+    (float32, written by save_classifier); write the accepted ones and out_dir/tflite_metrics.json.
+    `export` is params' ExportParams. Returns flat metrics for MLflow: tflite_<variant>_accuracy,
+    _size_bytes, _latency_ms and _written (1 or 0)."""
     out_dir = Path(out_dir)
     labels = [label.decode() for label in classifier.label_table.numpy()]
-    calibration = representative_images(train_paths, representative_count, seed, classifier.image_size) if "int8" in variants else None
+    variants, max_drop = export.tflite_quantized, export.max_quantization_drop
+    calibration = (representative_images(train_paths, export.representative_images, seed, classifier.image_size)
+                   if "int8" in variants else None)
     models = {BASELINE: (out_dir / file_name(BASELINE)).read_bytes()}
     models.update({v: write_metadata(convert(classifier, v, calibration), labels) for v in variants if v != BASELINE})
     results = evaluate_variants(models, test_paths, test_labels)
@@ -189,13 +193,23 @@ def export_variants(classifier, out_dir: Path, variants: list[str], train_paths:
             with atomic_file(out_dir / result.file) as temp:
                 temp.write_bytes(models[variant])
         print(result.refused or f"{variant}: test accuracy {result.accuracy:.4f}, {result.size_bytes / 1e6:.2f} MB, "
-              f"{result.latency_ms:.1f} ms per image; {result.file}")
-    report = {"test_images": len(test_paths), "threads": EVALUATION_THREADS, "max_quantization_drop": max_drop,
+              f"{result.latency_ms:.3g} ms per image; {result.file}")
+    _write_report(out_dir / METRICS_FILE, results, len(test_paths), max_drop, calibration, seed)
+    return flat_metrics(results)
+
+
+def _write_report(path: Path, results: dict[str, "VariantResult"], test_images: int, max_drop: float,
+                  calibration: np.ndarray | None, seed: int) -> None:
+    report = {"test_images": test_images, "threads": EVALUATION_THREADS, "max_quantization_drop": max_drop,
               "representative_images": 0 if calibration is None else len(calibration), "seed": seed,
               "variants": {v: asdict(r) for v, r in results.items()}}
-    with atomic_file(out_dir / METRICS_FILE) as temp:
+    with atomic_file(path) as temp:
         temp.write_text(json.dumps(report, indent=2) + "\n")
-    return flat_metrics(results)
+
+
+def train_image_paths(split_csv: Path) -> list[str]:
+    """The train split's image paths, in split.csv's order: where int8's calibration sample comes from."""
+    return [example.path for example in read_split(split_csv) if example.split == "train"]
 
 
 def flat_metrics(results: dict[str, VariantResult]) -> dict[str, float]:

@@ -20,6 +20,7 @@ MLflow is imported only here and only when a stage logs, so stages start without
 
 import contextlib
 import fcntl
+import getpass
 import hashlib
 import json
 import os
@@ -137,13 +138,20 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
 def source_tags() -> dict[str, str]:
     """MLflow's standard source tags, which the UI shows as the run's Source and git commit."""
     commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD")
     tags = {
         "mlflow.source.type": "LOCAL",
         "mlflow.source.name": "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro",
-        "mlflow.user": os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown",
+        "mlflow.user": _user(),
         "mlflow.source.git.commit": commit or "unknown",
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
     }

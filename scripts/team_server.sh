@@ -26,7 +26,7 @@ DB_USER=retrain
 die() { echo "team-server: $*" >&2; exit 1; }
 
 pg_bin() {  # Debian keeps initdb and pg_ctl off PATH, in /usr/lib/postgresql/<version>/bin
-    if command -v pg_ctl >/dev/null; then dirname "$(command -v pg_ctl)"; return; fi
+    if command -v pg_ctl >/dev/null; then dirname "$(readlink -f "$(command -v pg_ctl)")"; return; fi
     local found
     found=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
     [ -n "$found" ] || die "PostgreSQL not found: apt-get install postgresql (Debian 12 ships 15)"
@@ -61,7 +61,8 @@ trap stop_postgres EXIT
 
 psql_q() { "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U "$DB_USER" -d postgres -tAc "$1"; }
 for db in "$DB" "${DB}_auth"; do  # created if needed: a restart keeps the team's runs
-    [ "$(psql_q "SELECT 1 FROM pg_database WHERE datname = '$db'")" = 1 ] || psql_q "CREATE DATABASE \"$db\"" >/dev/null
+    found=$(psql_q "SELECT 1 FROM pg_database WHERE datname = '$db'") || die "cannot query PostgreSQL on port $PGPORT"
+    [ "$found" = 1 ] || psql_q "CREATE DATABASE \"$db\"" >/dev/null
 done
 BACKEND="postgresql+psycopg://$DB_USER@127.0.0.1:$PGPORT/$DB"
 

@@ -18,6 +18,7 @@ from retrain.features import load_labels
 from retrain.head import dense_layers, load_head
 from retrain.model_input import backbone_spec
 from retrain.params import load_params
+from retrain.tflite_variants import export_variants, train_image_paths
 
 
 def export():
@@ -33,12 +34,17 @@ def export():
     save_classifier(classifier, paths.MODEL_DIR, params.export.tflite)
     with np.load(paths.PREDICTIONS, allow_pickle=False) as predictions:
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]
+        test_labels = predictions["labels"]
     worst = check_reproduces(load_model(paths.MODEL_DIR), test_paths, expected)
+    tflite_metrics = (export_variants(classifier, paths.MODEL_DIR, params.export, params.seed,
+                                      train_image_paths(paths.SPLIT_CSV), test_paths, test_labels)
+                      if params.export.tflite else {})
     with tracking.stage_run("export", params) as run:
         import mlflow
 
         run.set_tags({"export.max_abs_difference": f"{worst:.3g}"})
         mlflow.log_artifact(str(paths.MODEL_DIR / "labels.txt"))
+        mlflow.log_metrics(tflite_metrics)  # tflite_<variant>_accuracy, _size_bytes, _latency_ms, _written
         model_uri = _log_model(test_paths[0])
         run.set_tags({"retrain.model_uri": model_uri})
         run.extra["model_uri"] = model_uri

@@ -41,7 +41,6 @@ class Postgres:
     port: int
     user: str
     bin: Path
-    run_as: str | None
 
     def create_database(self, name: str) -> str:
         """Create database `name` (idempotent: a team server restarts on an existing one); return its URI."""
@@ -86,7 +85,7 @@ def postgres(user: str = "retrain"):
         # fsync off: a test cluster need not survive a power cut, and it makes migrations fast.
         options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         run("pg_ctl", "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options)
-        yield Postgres(port, user, bin_dir, drop.get("user"))
+        yield Postgres(port, user, bin_dir)
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
@@ -106,7 +105,8 @@ def mlflow_team_server(backend_uri: str, folder: Path, auth: dict | None = None,
     command = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                "--backend-store-uri", backend_uri, "--serve-artifacts",
                "--artifacts-destination", str(folder / "artifacts")]
-    env = {**os.environ}
+    # No background job runner: its consumer processes are for GenAI features, and CPU is scarce here.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if auth:
         config = folder / "basic_auth.ini"

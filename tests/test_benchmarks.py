@@ -1,5 +1,7 @@
-"""`benchmarks/run.py` runs end to end on a few generated images and writes its table as JSON."""
+"""`benchmarks/run.py` runs end to end on a few generated images, writes its table as JSON, exits 1
+exactly when a target fails, and judges each target from the figures it measured."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,12 +13,66 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_benchmark_harness_runs_on_generated_images(tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks/run.py"), "--data", str(tmp_path / "absent.tgz"),
-               "--images", "40", "--compare-images", "8", "--rounds", "1", "--results", str(tmp_path)]
+@pytest.fixture(scope="module")
+def harness_run(tmp_path_factory):
+    """One --quick-sized run of the harness on generated JPEGs: (process result, saved JSON)."""
+    results = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, str(REPO / "benchmarks/run.py"), "--data", str(results / "absent.tgz"),
+               "--images", "40", "--compare-images", "8", "--rounds", "1", "--results", str(results)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]  # 1: a target failed
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result, json.loads((results / "latest.json").read_text())
+
+
+def _measure():
+    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
+    import measure
+
+    return measure
+
+
+def test_the_benchmark_harness_runs_and_its_exit_code_says_whether_a_target_failed(harness_run):
+    result, saved = harness_run
     assert "generated JPEGs" in result.stdout and "| figure | value | target |" in result.stdout
-    saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["pipeline"]["incremental"]["stats"]["computed"] == 10
-    assert {row["pass"] for row in saved["table"]} <= {True, False, None} and len(saved["table"]) == 19
+    table = saved["table"]
+    assert len(table) >= 19 and len({row["figure"] for row in table}) == len(table)
+    for row in table:  # a row with a target is judged (True/False); a row without one is a figure only
+        assert (row["pass"] in (True, False)) if row["target"] else row["pass"] is None, row
+    failed = [row["figure"] for row in table if row["pass"] is False]
+    assert result.returncode == (1 if failed else 0), (failed, result.stderr[-2000:])
+    for row in table:  # the printed table shows the same verdicts
+        verdict = "" if row["pass"] is None else ("PASS" if row["pass"] else "FAIL")
+        assert f"| {row['target']} | {verdict} |" in result.stdout, row["figure"]
+
+
+def test_each_target_is_judged_from_the_measured_figures(harness_run):
+    """The same saved figures, edited one at a time to either side of a target, flip its verdict."""
+    measure = _measure()
+    _, saved = harness_run
+    assert measure.table(saved) == saved["table"]  # the saved verdicts are the table's own
+
+    def verdict(figure_start, edit):
+        result = copy.deepcopy(saved)
+        edit(result)
+        (row,) = [row for row in measure.table(result) if row["figure"].startswith(figure_start)]
+        return row["pass"]
+
+    def fit(seconds):
+        return lambda r: r["pipeline"]["train"].update(fit_s=seconds)
+
+    assert verdict("train, default params", fit(3.9)) is True
+    assert verdict("train, default params", fit(4.1)) is False
+
+    def recomputed(n):
+        return lambda r: r["pipeline"]["incremental"]["stats"].update(computed=n)
+
+    assert verdict("+10 images, warm cache", recomputed(10)) is True
+    assert verdict("+10 images, warm cache", recomputed(11)) is False
+
+    def noop(seconds, ran):
+        return lambda r: r["pipeline"].update(noop={"wall_s": [seconds], "ran": [ran]})
+
+    assert verdict("no-op `dvc repro`", noop(1.0, False)) is True
+    assert verdict("no-op `dvc repro`", noop(6.0, False)) is False
+    assert verdict("no-op `dvc repro`", noop(1.0, True)) is False

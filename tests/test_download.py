@@ -358,8 +358,9 @@ HOSTILE = {
     "tar duplicate spelt ./": (lambda d: _tar_with(d / "dup2.tar", _file("./flowers//red/ok.txt", b"again"), mode="w"),
                                _SMALL, "duplicate entry name"),
     "zip duplicate name": (lambda d: _zip_of(d / "dup.zip", ("flowers/red/ok.txt", b"again")), _SMALL, "duplicate entry name"),
-    "truncated tgz": (lambda d: _truncated(_zeros_tar(d / "t.tgz", "w:gz", 200_000)), _SMALL, "damaged"),
-    "truncated tar.xz": (lambda d: _truncated(_zeros_tar(d / "t.tar.xz", "w:xz", 200_000)), _SMALL, "damaged"),
+    "truncated tgz": (lambda d: _truncated(_random_tar(d / "t.tgz", "w:gz")), _SMALL, "damaged"),
+    "truncated tar.xz": (lambda d: _truncated(_random_tar(d / "t.tar.xz", "w:xz")), _SMALL, "damaged"),
+    "truncated plain tar": (lambda d: _truncated(_random_tar(d / "t.tar", "w")), _SMALL, "damaged"),
     "truncated zip": (lambda d: _truncated(_zip_of(d / "t.zip", ("flowers/red/a.bin", os.urandom(5000)))), _SMALL, "damaged"),
     "not an archive at all": (lambda d: _write(d / "junk.tgz", os.urandom(3000)), _SMALL, "damaged or not an archive"),
     "HTML error page as .tgz": (lambda d: _write(d / "page.tgz", b"\n<!DOCTYPE html><html><body>404</body></html>"),
@@ -372,6 +373,10 @@ HOSTILE = {
                                       _SMALL, None),
     "zip symlink inside (skipped)": (lambda d: _zip_with_link(d / "link.zip", "flowers/red/l", "ok.txt"), _SMALL, None),
 }
+
+
+def _random_tar(path: Path, mode: str) -> Path:
+    return _tar_with(path, _file("flowers/red/noise.bin", os.urandom(200_000)), mode=mode)
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -5,41 +5,17 @@ import json
 import numpy as np
 import pytest
 
+from conftest import COLOURS
 from imagegen import image_bytes
-from retrain.backbones import load_backbone
 from retrain.cli import main
 from retrain.errors import RetrainError
-from retrain.export import build_classifier, check_accuracy, check_reproduces, load_model, save_classifier
-from retrain.features import FeatureCache, compute_features
-from retrain.head import dense_layers, train_head
-from retrain.params import load_params
-
-COLOURS = {"blue": (30, 40, 230), "green": (20, 200, 40), "red": (230, 20, 20)}
+from retrain.export import check_accuracy, check_reproduces, load_model
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_backbone):
-    """A model trained on solid colour images, exported with TFLite."""
-    from retrain.features import Example
-
-    folder = tmp_path_factory.mktemp("train")
-    backbone = load_backbone(str(tiny_backbone))
-    examples = []
-    for label, colour in COLOURS.items():
-        for i in range(10):
-            path = folder / f"{label}_{i}.png"
-            path.write_bytes(image_bytes("PNG", colour, (48, 48), seed=i))
-            examples.append(Example(str(path), label, "train", f"{label}{i:062d}"))
-    cache = FeatureCache(folder / "cache", backbone.id, backbone.feature_dim)
-    compute_features(examples, backbone, cache, batch_size=8)
-    x = np.stack([cache.get(e.sha256) for e in examples])
-    y = np.array([list(COLOURS).index(e.label) for e in examples])
-    params = load_params().train.model_copy(update={"learning_rate": 0.05, "epochs": 60})
-    head, _ = train_head((x, y), (x, y), 3, params, seed=0)
-    out = tmp_path_factory.mktemp("export") / "model"
-    save_classifier(build_classifier(backbone, dense_layers(head), list(COLOURS), top_k=2), out, tflite=True)
-    expected = head.predict(x, verbose=0)
-    return {"dir": out, "paths": [e.path for e in examples], "expected": expected, "images": folder}
+def exported(colour_model_dir, colour_classifier):
+    """The colour classifier exported with TFLite."""
+    return {"dir": colour_model_dir, "paths": colour_classifier["paths"], "expected": colour_classifier["expected"]}
 
 
 def test_serving_signature_takes_any_image_format_and_returns_top_k_labels(exported):
@@ -90,7 +66,10 @@ def test_predict_walks_folders_maps_names_and_survives_bad_files(exported, tmp_p
     results = json.loads(capsys.readouterr().out)
     assert status == 1  # one file failed, the others were answered
     assert [r["path"].rsplit("/", 1)[-1] for r in results] == ["a_red.jpg", "b_broken.jpg", "c_green.webp"]
-    assert results[0]["predictions"] == [{"label": "Scarlet", "probability": pytest.approx(results[0]["predictions"][0]["probability"])}]
+    serve = load_model(exported["dir"]).signatures["serving_default"]
+    red = serve(image_bytes=np.array([(tmp_path / "a_red.jpg").read_bytes()], dtype=object))["probabilities"].numpy()[0]
+    assert red.argmax() == 2 and red.max() > 0.5  # the SavedModel's own answer: "red", the 3rd label
+    assert results[0]["predictions"] == [{"label": "Scarlet", "probability": pytest.approx(float(red.max()), abs=1e-6)}]
     assert "error" in results[1] and results[2]["predictions"][0]["label"] == "Leafy"
 
 

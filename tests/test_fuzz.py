@@ -8,6 +8,7 @@ The deadline is generous (a loaded machine) and catches hangs, not slowness.
 """
 
 import base64
+import collections
 import math
 import struct
 
@@ -130,9 +131,21 @@ def test_the_served_models_input_check_never_crashes(data):
 
 
 def test_the_fuzzer_reaches_both_outcomes():
-    """The mutations are neither all harmless nor all fatal: the seeds decode, and damage is seen."""
+    """The inputs the fuzz tests draw are neither all harmless nor all fatal: counted over the same
+    derandomized draws, split accepts some and rejects others, for more than one reason."""
     assert all(rejection_reason(seed, LIMIT) is None for seed in SEEDS.values())
-    assert rejection_reason(SEEDS["png"][:40], LIMIT) is not None
+    outcomes, reasons = collections.Counter(), collections.Counter()
+
+    @FUZZ
+    @given(data=ANY_BYTES)
+    def draw(data):
+        reason = rejection_reason(data, LIMIT)
+        outcomes["accepted" if reason is None else "rejected"] += 1
+        reasons[(reason or "").split(" ")[0]] += 1
+
+    draw()
+    assert outcomes["accepted"] >= 10 and outcomes["rejected"] >= 10, outcomes
+    assert len(reasons) >= 4, reasons  # several kinds of damage, not one failure over and over
     assert MAX_IMAGE_PIXELS > LIMIT
 
 
@@ -188,3 +201,87 @@ def test_the_served_mlflow_model_refuses_oversized_and_bomb_images_with_a_clear_
             served.predict(pd.DataFrame({"image": [SEEDS["jpeg"], payload]}))
         assert error.value.message.startswith(message), case
         assert error.value.get_http_status_code() == 400, case
+
+
+# --- the SavedModel's own limit: any client of serving_default is protected -------------------
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A real small JPEG whose SOF header is edited to claim width x height (its data stays small)."""
+    data = bytearray(SEEDS["jpeg"])
+    sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _pil(fmt: str, size, mode="RGB", **options) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, (200, 40, 40, 255)[: len(mode)] if mode != "L" else 128).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+_FORMATS = {  # every format split accepts, and each WebP flavour (lossy, lossless, extended)
+    "jpeg": lambda size: _pil("JPEG", size),
+    "png": lambda size: _pil("PNG", size),
+    "gif": lambda size: _pil("GIF", size),
+    "bmp": lambda size: _pil("BMP", size),
+    "webp-lossy": lambda size: _pil("WEBP", size),
+    "webp-lossless": lambda size: _pil("WEBP", size, lossless=True),
+    "webp-extended": lambda size: _pil("WEBP", size, mode="RGBA"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_limit_serve(tmp_path_factory, tiny_backbone):
+    """serving_default of a real exported model whose pixel limit is 10,000 (100x100)."""
+    backbone = load_backbone(str(tiny_backbone))
+    head = [(np.ones((backbone.feature_dim, 2), np.float32), np.zeros(2, np.float32), "softmax")]
+    out = tmp_path_factory.mktemp("small-limit") / "model"
+    save_classifier(build_classifier(backbone, head, ["a", "b"], top_k=1, max_image_pixels=10_000), out, tflite=False)
+    return load_model(out).signatures["serving_default"]
+
+
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+def test_the_saved_models_pixel_limit_reads_every_formats_header(small_limit_serve, fmt):
+    served = small_limit_serve(image_bytes=tf.constant([_FORMATS[fmt]((100, 100))]))  # exactly the limit
+    assert served["probabilities"].shape == (1, 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than the 10000 pixel limit"):
+        small_limit_serve(image_bytes=tf.constant([_FORMATS[fmt]((101, 100))]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than the 10000 pixel limit"):
+        small_limit_serve(image_bytes=tf.constant([_FORMATS["png"]((8, 8)), _FORMATS[fmt]((10, 1001))]))
+
+
+def test_header_only_bombs_sent_to_the_saved_model_fail_fast_with_a_message(model_dir):
+    """serving_default called directly, as the README shows: no gigabytes allocated, one clear error."""
+    import resource
+    import time
+
+    from retrain.image_header import MAX_SERVING_PIXELS
+    from retrain.split import DEFAULT_MAX_IMAGE_PIXELS
+
+    assert MAX_SERVING_PIXELS == MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS  # one limit everywhere
+    serve = load_model(model_dir).signatures["serving_default"]
+    bombs = {
+        "png 100000x100000": png_header_only(100_000, 100_000),
+        "png just over": png_header_only(math.isqrt(MAX_SERVING_PIXELS) + 1, math.isqrt(MAX_SERVING_PIXELS) + 1),
+        "jpeg 65000x65000": _jpeg_claiming(65_000, 65_000),
+        "jpeg 10000x9000": _jpeg_claiming(10_000, 9_000),
+        "gif 65535x65535": b"GIF89a" + struct.pack("<HH", 65535, 65535) + bytes(7) + b";",
+        "bmp 60000x60000": b"BM" + bytes(16) + struct.pack("<ii", 60_000, -60_000) + bytes(30),
+        "webp 16383x16383": b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(10) + struct.pack("<HH", 16383, 16383) + bytes(8),
+    }
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, bomb in bombs.items():
+        start = time.perf_counter()
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            serve(image_bytes=tf.constant([SEEDS["jpeg"], bomb]))
+        assert f"more than the {MAX_SERVING_PIXELS} pixel limit" in error.value.message, name
+        assert time.perf_counter() - start < 5, name
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mb < 200, f"peak memory grew {grown_mb:.0f} MB"  # one decoded bomb is 1-30 GB
+    ok = serve(image_bytes=tf.constant([SEEDS["jpeg"], SEEDS["png"]]))
+    assert ok["probabilities"].shape == (2, 3)  # ordinary images still pass

@@ -1,5 +1,6 @@
 """The one decoder: every supported format to upright RGB uint8, with plain TensorFlow ops."""
 
+import hashlib
 import io
 
 import numpy as np
@@ -53,5 +54,35 @@ def test_bytes_that_are_no_image_raise_invalid_argument():
             decode_image(tf.constant(data))
 
 
-def test_preprocessing_version_names_the_exif_change():
-    assert PREPROCESSING_VERSION == "2"
+# What decode_image + resize_image give for fixed lossless images, per PREPROCESSING_VERSION. The
+# feature cache trusts the version to name the pixels: change either function and this fails
+# until the version is bumped (stale cached features would otherwise be reused silently).
+PIXEL_FINGERPRINTS = {"2": "be2640f24bf7e42e"}
+
+
+def _pixel_fingerprint() -> str:
+    images = [image_bytes("PNG", (200, 40, 40), (40, 30), seed=3, mode="RGBA"), png_16bit_bytes(),
+              image_bytes("GIF", (20, 200, 40), (33, 17), seed=5), image_bytes("BMP", (40, 20, 200), (20, 12), seed=6),
+              image_bytes("PNG", (90, 90, 90), (25, 31), seed=7, mode="L")]
+    digest = hashlib.sha256()
+    for data in images:
+        decoded = decode_image(tf.constant(data))
+        digest.update(decoded.numpy().tobytes())  # lossless formats: exact on every machine
+        resized = resize_image(decoded, (24, 24)).numpy()
+        digest.update(np.round(resized * 255).astype(np.uint8).tobytes())  # immune to last-bit float noise
+    return digest.hexdigest()[:16]
+
+
+def test_changing_the_pixels_requires_a_new_preprocessing_version(monkeypatch, tmp_path):
+    assert PIXEL_FINGERPRINTS.get(PREPROCESSING_VERSION) == _pixel_fingerprint(), (
+        "decode_image/resize_image now give other pixels: bump retrain.images.PREPROCESSING_VERSION "
+        "and add its fingerprint here"
+    )
+    # ... and the version really keys the feature cache: entries of another version are not reused.
+    import retrain.features as features
+
+    root = tmp_path / "features"
+    features.FeatureCache(root, "backbone", 4).put("ab" * 32, np.ones(4, np.float32))
+    assert features.FeatureCache(root, "backbone", 4).get("ab" * 32) is not None
+    monkeypatch.setattr(features, "PREPROCESSING_VERSION", "next")
+    assert features.FeatureCache(root, "backbone", 4).get("ab" * 32) is None

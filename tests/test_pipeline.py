@@ -45,7 +45,8 @@ def project(tmp_path_factory, own_feature_cache, server, images, tiny_backbone, 
     served, url = server
     root = make_project(tmp_path_factory.mktemp("project"), f"{url}/flowers.tgz", publish(images, served), tiny_backbone)
     first = run(root, "dvc", "repro", tracking_uri=mlflow_server)
-    return {"root": root, "images": images, "served": served, "first": first, "tracking_uri": mlflow_server}
+    return {"root": root, "images": images, "served": served, "first": first, "tracking_uri": mlflow_server,
+            "url": f"{url}/flowers.tgz"}
 
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
@@ -75,34 +76,52 @@ def test_the_mlflow_server_received_the_whole_run(project):
     import mlflow
 
     client = mlflow.MlflowClient(project["tracking_uri"])
-    (run_info,) = client.search_runs([client.get_experiment_by_name("retrain").experiment_id])
+    experiment = client.get_experiment_by_name("retrain")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
+    (run_info,) = client.search_runs([experiment.experiment_id])
     assert run_info.info.status == "FINISHED"
     assert run_info.data.params["train.learning_rate"] == "0.05" and "data.url" in run_info.data.params
-    assert run_info.data.tags["dataset_hash"] and run_info.data.tags["backbone_id"]
-    assert len(client.get_metric_history(run_info.info.run_id, "val_loss")) > 1
-    assert run_info.data.metrics["test_accuracy"] >= 0.9 and "bottlenecks_images_per_second" in run_info.data.metrics
+    tags = run_info.data.tags
+    assert tags["dataset_hash"] and tags["backbone_id"] and tags["bottlenecks.computed"] == "48"
+    assert all(tags[f"retrain.ran.{stage}"] == "true" for stage in ("download", "split", "bottlenecks", "train", "evaluate", "export"))
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.name"] == "dvc repro"
+    assert len(client.get_metric_history(run_info.info.run_id, "val/loss")) > 1
+    assert run_info.data.metrics["test/accuracy"] >= 0.9
+    assert not any(key.startswith("bottlenecks") for key in run_info.data.metrics)  # bookkeeping is no chart
+    inputs = {d.dataset.name: d for d in run_info.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "validation"]
+    counts = {t.key: t.value for t in inputs["train"].tags}
+    assert sum(int(counts[f"class.{c}"]) for c in CLASSES) == int(counts["images"]) > 0
+    assert project["url"] in inputs["train"].dataset.source
     reports = {a.path.split("/")[-1] for a in client.list_artifacts(run_info.info.run_id, "reports")}
     assert {"confusion_matrix.png", "misclassified.html", "per_class.md", "reliability.png", "learning_curves.png"} <= reports
     top = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert {"labels.txt", "tensorboard"} <= top
-    (version,) = client.search_model_versions("name='retrain-classifier'")
-    assert version.run_id == run_info.info.run_id
+    assert tags["retrain.model_uri"].startswith("models:/")
+    assert client.search_registered_models() == []  # an experiment logs its model; promote registers it
 
 
-def test_the_registered_model_predicts_through_pyfunc(project, monkeypatch):
+def test_promote_registers_a_version_that_predicts_through_pyfunc(project, monkeypatch):
     import mlflow
     import pandas as pd
 
+    run(project["root"], "retrain", "promote", "workspace", "--alias", "champion", tracking_uri=project["tracking_uri"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project["tracking_uri"])
-    model = mlflow.pyfunc.load_model("models:/retrain-classifier/1")
+    version = mlflow.MlflowClient().get_model_version_by_alias("retrain-classifier", "champion")
+    assert version.version == "1"
+    model = mlflow.pyfunc.load_model("models:/retrain-classifier@champion")
     image = image_bytes("JPEG", CLASSES["red"], (70, 70), seed=4242)
     answer = model.predict(pd.DataFrame({"image": [image]}))
     assert answer["label"][0] == "red" and len(answer["top_k_labels"][0]) == 2
 
 
-def test_second_repro_changes_nothing(project):
+def test_second_repro_changes_nothing_and_makes_no_run(project):
+    import mlflow
+
     result = run(project["root"], "dvc", "repro", tracking_uri=project["tracking_uri"])
     assert ran_stages(result) == []
+    client = mlflow.MlflowClient(project["tracking_uri"])
+    assert len(client.search_runs([client.get_experiment_by_name("retrain").experiment_id])) == 1
 
 
 def test_new_images_compute_only_their_features(project):

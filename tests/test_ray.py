@@ -15,6 +15,7 @@ import pytest
 from imagegen import make_class_folders, make_tgz
 from project import CLASSES, make_project, run, set_params
 from retrain.download import file_sha256
+from retrain.images import PREPROCESSING_VERSION
 
 pytestmark = pytest.mark.slow
 ARRAYS = ("train.npz", "validation.npz", "test.npz")
@@ -44,11 +45,11 @@ def project(tmp_path_factory, tiny_backbone):
     return root
 
 
-def repro(root, monkeypatch, cache, engine: str) -> dict:
-    """`dvc repro bottlenecks` with `engine` and feature cache folder `cache`; the stage's stats."""
-    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(cache))
+def repro(root, engine: str) -> dict:
+    """`dvc repro bottlenecks` with `engine`; the stage's stats."""
     set_params(root, **{"bottlenecks.engine": engine})
-    run(root, "dvc", "repro", "bottlenecks")
+    # No run cache: DVC would otherwise restore an earlier run's outputs for the same params.
+    run(root, "dvc", "repro", "--no-run-cache", "bottlenecks")
     return json.loads((root / "data/bottlenecks.json").read_text())
 
 
@@ -66,9 +67,9 @@ def assert_same(left: dict, right: dict) -> None:
         assert left[key].dtype == right[key].dtype and np.array_equal(left[key], right[key]), key
 
 
-def drop_entries(cache, count: int, augmented: bool) -> int:
+def drop_entries(features, count: int, augmented: bool) -> int:
     """Delete `count` cached originals (or augmented views); return how many were deleted."""
-    entries = sorted(p for p in cache.rglob("*.npy") if ("-" in p.stem) == augmented)[:count]
+    entries = sorted(p for p in features.rglob("*.npy") if ("-" in p.stem) == augmented)[:count]
     for entry in entries:
         entry.unlink()
     return len(entries)
@@ -76,30 +77,67 @@ def drop_entries(cache, count: int, augmented: bool) -> int:
 
 def test_ray_engine_on_two_nodes_matches_local_and_shares_its_cache(cluster, project, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    local_cache, ray_cache = tmp_path / "local-cache", tmp_path / "ray-cache"
-    # Each cache root also holds the converted backbone: only the features folder is engine-made.
-    for cache in (local_cache, ray_cache):
-        cache.mkdir()
+    # One cache root (the converted backbone is made once); each engine's features folder in turn.
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    features, made_locally = tmp_path / "cache/features", tmp_path / "made-locally"
 
-    local = repro(project, monkeypatch, local_cache, "local")
+    local = repro(project, "local")
     expected = arrays(project)
     assert local["computed"] == 24 and local["augmented_computed"] > 0
+    features.rename(made_locally)
 
-    on_ray = repro(project, monkeypatch, ray_cache, "ray")
+    on_ray = repro(project, "ray")
     assert (on_ray["computed"], on_ray["cache_hits"]) == (24, 0)
     assert on_ray["augmented_computed"] == local["augmented_computed"]
     assert on_ray["ray_nodes"] == 2 and on_ray["ray_nodes_used"] == 2
     assert_same(arrays(project), expected)
 
     # Local reuses what Ray wrote, computing exactly the entries removed...
-    dropped = drop_entries(ray_cache, 5, augmented=False), drop_entries(ray_cache, 2, augmented=True)
-    again = repro(project, monkeypatch, ray_cache, "local")
-    assert (again["computed"], again["cache_hits"], again["augmented_computed"]) == (5, 19, 2) and dropped == (5, 2)
+    assert (drop_entries(features, 5, augmented=False), drop_entries(features, 2, augmented=True)) == (5, 2)
+    again = repro(project, "local")
+    assert (again["computed"], again["cache_hits"], again["augmented_computed"]) == (5, 19, 2)
     assert_same(arrays(project), expected)
 
     # ...and Ray reuses what the local engine wrote.
-    drop_entries(local_cache, 3, augmented=False)
-    back = repro(project, monkeypatch, local_cache, "ray")
+    shutil.rmtree(features)
+    made_locally.rename(features)
+    drop_entries(features, 3, augmented=False)
+    back = repro(project, "ray")
     assert (back["computed"], back["cache_hits"], back["augmented_computed"]) == (3, 21, 0)
     assert_same(arrays(project), expected)
-    shutil.rmtree(ray_cache)
+
+
+def _hammer(folder: str, seed: int, rounds: int) -> None:
+    """One writer process (forked: only numpy and files, no TensorFlow op): the same keys, its own values."""
+    from retrain.features import FeatureCache
+
+    cache = FeatureCache(folder, "shared", 256)
+    for r in range(rounds):
+        for k in range(8):
+            cache.put(f"{k:064x}", np.full(256, seed * 1000 + r, np.float32))
+
+
+def test_concurrent_writers_on_one_cache_never_leave_a_partial_entry(tmp_path):
+    """Two processes (two nodes on a shared mount) write the same entries while a reader reads them."""
+    import multiprocessing
+
+    from retrain.features import FeatureCache
+
+    writers = [multiprocessing.get_context("fork").Process(target=_hammer, args=(str(tmp_path), s, 100)) for s in (1, 2)]
+    for writer in writers:
+        writer.start()
+    reader, seen = FeatureCache(tmp_path, "shared", 256), 0
+    whole = len(reader._header) + 4 * 256
+    while any(w.is_alive() for w in writers):
+        for k in range(8):
+            try:  # the raw bytes, not `get`: it would quietly remove a damaged entry
+                data = reader.path(f"{k:064x}").read_bytes()
+            except FileNotFoundError:
+                continue
+            vector = np.frombuffer(data[len(reader._header):], "<f4")
+            assert len(data) == whole and np.all(vector == vector[0]), k  # one writer's one value, all of it
+            seen += 1
+    assert all(w.exitcode == 0 for w in writers) and seen > 0
+    names = sorted(p.name for p in tmp_path.rglob("*"))  # no temporary file left behind
+    assert names == sorted({"shared", f"p{PREPROCESSING_VERSION}", *(f"{k:064x}"[:2] for k in range(8)),
+                            *(f"{k:064x}.npy" for k in range(8))})

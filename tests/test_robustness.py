@@ -362,7 +362,213 @@ def test_no_source_file_unpickles_or_evals_user_input():
             offenders += [f"{path.relative_to(REPO)}:{number}: {why}" for pattern, why in _UNSAFE.items()
                           if re.search(pattern, code)]
     assert offenders == []
-    # The one unpickler (PyTorch weights of the embedded backbone) resolves only an allowlist.
-    source = (REPO / "retrain/backbones/torch_pickle.py").read_text(encoding="utf-8")
-    assert "class _RestrictedUnpickler(pickle.Unpickler)" in source and "def find_class" in source
-    assert "_ALLOWED_GLOBALS" in source
+
+
+class _Runs:
+    """Pickles to a call of `function(*args)`, as a hostile weights file would."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def _weights_files(folder: Path, payload: object) -> dict[str, Path]:
+    """The payload pickled in both layouts the one unpickler reads, with every pickle protocol."""
+    import pickle
+    import zipfile
+
+    files = {}
+    for protocol in (2, 4, 5):
+        main = pickle.dumps({"conv.weight": payload}, protocol=protocol)
+        legacy = folder / f"legacy-p{protocol}.pth"
+        with open(legacy, "wb") as f:  # magic, protocol, sys info, then the main pickle
+            for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+                pickle.dump(header, f, protocol=2)
+            f.write(main)
+        zipped = folder / f"zip-p{protocol}.pth"
+        with zipfile.ZipFile(zipped, "w") as zf:
+            zf.writestr("archive/data.pkl", main)
+        files |= {legacy.name: legacy, zipped.name: zipped}
+    return files
+
+
+@pytest.mark.parametrize("call", ["os.system", "subprocess.check_call", "builtins.exec", "pathlib.Path.touch"])
+def test_a_weights_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path, call):
+    import builtins
+
+    from retrain.backbones.torch_pickle import load_state_dict
+    from retrain.errors import RetrainError
+
+    marker = tmp_path / "pwned"
+    payload = {
+        "os.system": _Runs(os.system, f"touch {marker}"),
+        "subprocess.check_call": _Runs(subprocess.check_call, ["touch", str(marker)]),
+        "builtins.exec": _Runs(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "pathlib.Path.touch": _Runs(Path.touch, marker),
+    }[call]
+    for name, path in _weights_files(tmp_path, payload).items():
+        with pytest.raises(RetrainError, match="refuses pickle global") as error:
+            load_state_dict(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), name
+        assert not marker.exists(), f"{name}: the pickle ran {call}"
+
+
+# --- 6. a full disk, a file-size limit, and the permissions of what is written ------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs the test mounts (needs root, as in CI's container); skipped where mounting is not allowed."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test still runs")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk: Path, leave_bytes: int) -> Path:
+    """Fill the disk with one file until only about `leave_bytes` are free."""
+    filler = disk / "filler"
+    stats = os.statvfs(disk)
+    with open(filler, "wb") as f:
+        f.write(bytes(max(0, stats.f_bavail * stats.f_frsize - leave_bytes)))
+    return filler
+
+
+def _one_error_line(capsys, exit_info) -> str:
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_a_full_disk_stops_bottlenecks_with_one_line_and_the_rerun_computes_only_the_rest(
+    tmp_path, tiny_backbone, small_disk, monkeypatch, capsys
+):
+    from retrain.errors import exit_on_error
+
+    root = _plain_project(tmp_path / "project", tiny_backbone, **{"bottlenecks.batch_size": 4})
+    make_class_folders(root / "data/raw/photos", CLASSES, per_class=30, size=(32, 32))
+    monkeypatch.chdir(root)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(small_disk, cache / "features")  # the feature cache lives on the small disk
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(cache))
+    _stage_function("split")()
+    filler = _fill(small_disk, leave_bytes=100 * 1024)  # room for ~25 of the 60 entries (a page each)
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(_stage_function("bottlenecks"))
+    line = _one_error_line(capsys, exit_info)
+    assert line.startswith(f"error: disk full writing {cache / 'features'}/") or line.startswith(
+        f"error: disk full writing {small_disk}/"), line
+    assert line.endswith(": free space and rerun; finished work is kept"), line
+    entries = [p for p in small_disk.rglob("*.npy")]
+    assert not [p for p in entries if p.name.startswith(".tmp-")]  # no temp file left behind
+    assert 5 <= len(entries) < 60
+    for entry in entries:  # each entry that exists is whole
+        vector = np.load(entry, allow_pickle=False)
+        assert vector.shape == (12,) and vector.dtype == np.float32 and np.isfinite(vector).all()
+    assert not (root / "data/features/train.npz").exists()
+
+    filler.unlink()  # space again: only the missing features are computed
+    _stage_function("bottlenecks")()
+    stats = json.loads((root / "data/bottlenecks.json").read_text())
+    assert (stats["images"], stats["cache_hits"], stats["computed"]) == (60, len(entries), 60 - len(entries))
+
+
+def test_a_full_disk_during_export_leaves_no_model_folder_and_a_later_save_gets_umask_permissions(
+    tmp_path, tiny_backbone, small_disk, capsys
+):
+    from retrain.backbones import load_backbone
+    from retrain.errors import exit_on_error
+    from retrain.export import build_classifier, save_classifier
+
+    backbone = load_backbone(str(tiny_backbone))
+    head = [(np.ones((backbone.feature_dim, 2), np.float32), np.zeros(2, np.float32), "softmax")]
+    classifier = build_classifier(backbone, head, ["a", "b"], top_k=1)
+    filler = _fill(small_disk, leave_bytes=24 * 1024)  # the SavedModel needs far more
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(lambda: save_classifier(classifier, small_disk / "model", tflite=False))
+    line = _one_error_line(capsys, exit_info)
+    assert line.startswith(f"error: disk full writing {small_disk}/") and "finished work is kept" in line, line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no model/, no .tmp-model-*
+
+    filler.unlink()
+    save_classifier(classifier, small_disk / "model", tflite=False)
+    _assert_umask_permissions(small_disk / "model")
+
+
+def _assert_umask_permissions(folder: Path) -> None:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat_mode(folder) == 0o777 & ~mask, oct(stat_mode(folder))  # not mkdtemp's 0700
+    for path in folder.rglob("*"):
+        assert stat_mode(path) & 0o444 == 0o444 & ~mask, path  # readable as any output is
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_atomic_outputs_get_the_umask_permissions_of_any_other_output(tmp_path):
+    from retrain.atomic import atomic_dir, atomic_file
+
+    for mask in (0o022, 0o027, 0o002):
+        old = os.umask(mask)
+        try:
+            with atomic_dir(tmp_path / f"model-{mask:o}") as temp:
+                (temp / "labels.txt").write_text("a\n")
+            with atomic_file(tmp_path / f"split-{mask:o}.csv") as temp:
+                temp.write_text("path\n")
+            (tmp_path / f"plain-{mask:o}").mkdir()
+        finally:
+            os.umask(old)
+        assert stat_mode(tmp_path / f"model-{mask:o}") == stat_mode(tmp_path / f"plain-{mask:o}") == 0o777 & ~mask
+        assert stat_mode(tmp_path / f"split-{mask:o}.csv") == 0o666 & ~mask
+
+
+_FSIZE_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from retrain.atomic import atomic_file
+from retrain.errors import exit_on_error
+from retrain.download import fetch_dataset
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+out = Path(sys.argv[1])
+if sys.argv[3] == "atomic_file":
+    def write():
+        with atomic_file(out / "features.npz") as temp, open(temp, "wb") as f:
+            f.write(bytes(300_000))
+else:
+    def write():
+        fetch_dataset(str(out / "photos.tgz"), None, out / "raw", out / "cache")
+exit_on_error(write)
+"""
+
+
+@pytest.mark.parametrize("writer", ["atomic_file", "extraction"])
+def test_a_file_size_limit_gives_one_line_not_a_damaged_archive_or_a_traceback(tmp_path, writer):
+    import tarfile
+
+    with tarfile.open(tmp_path / "photos.tgz", "w:gz") as tar:
+        noise = tmp_path / "noise.jpg"
+        noise.write_bytes(os.urandom(200_000))
+        tar.add(noise, arcname="photos/red/noise.jpg")
+    noise.unlink()
+    result = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(tmp_path), str(REPO), writer],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    written = tmp_path / ("features.npz" if writer == "atomic_file" else "raw")
+    assert line.startswith(f"error: file too large writing {written}"), line
+    assert "ulimit -f" in line and "damaged" not in line
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith((".tmp-", ".extract-"))]
+    assert leftovers == [] and not (tmp_path / "features.npz").exists()

@@ -1,8 +1,10 @@
-"""A sweep through DVC's queue: `dvc exp run --queue -S ...` then `dvc queue start`.
+"""Experiments as a user runs them: one MLflow run per execution, whichever stages it reruns.
 
-Queued experiments run in temporary copies of the repo; they must log to the workspace's default
-MLflow store (DVC sets `DVC_ROOT`), be named after their DVC experiments, reuse the features the
-workspace computed, and show up in `dvc exp show` with their test accuracy.
+One throwaway project: a baseline `dvc repro`, then `dvc exp run -S 'evaluate.top_k=[1,3]'` in
+the workspace (evaluate and export rerun, train is reused), then a queued sweep of two learning
+rates through `dvc queue start`, then `retrain promote`. Queued experiments run in temporary
+copies of the repo; they must log to the workspace's store, under their own names, with their
+TensorBoard files in the workspace, and leave the registry alone until a promote.
 """
 
 import json
@@ -46,6 +48,17 @@ def _experiments(root) -> dict[str, dict]:
     return found
 
 
+def _runs(client) -> dict[str, object]:
+    experiment = client.get_experiment_by_name("retrain")
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def _snapshot(client, run_id) -> dict:
+    run_ = client.get_run(run_id)
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run_.data.metrics}
+    return {"params": run_.data.params, "metrics": run_.data.metrics, "history": history, "status": run_.info.status}
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
     folder = tmp_path_factory.mktemp("images")
@@ -55,51 +68,107 @@ def swept(tmp_path_factory, tiny_backbone):
     sha = publish(folder / "flowers", archive)
     root = make_project(tmp_path_factory.mktemp("sweep"), str(archive / "flowers.tgz"), sha, tiny_backbone)
     set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run(root, "dvc", "repro")
     run(root, "git", "add", "-A")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
-    baseline = run(root, "git", "rev-parse", "HEAD").stdout.strip()
+    baseline_commit = run(root, "git", "rev-parse", "HEAD").stdout.strip()
+    (baseline,) = _runs(client).values()
+    before = _snapshot(client, baseline.info.run_id)
+    topk = run(root, "dvc", "exp", "run", "-n", "topk13", "-S", "evaluate.top_k=[1,3]")
+    nothing = run(root, "dvc", "exp", "run", "-n", "again")  # the workspace already has these results
+    runs_after_topk = _runs(client)
     run(root, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(RATES)}")
     try:
         run(root, "dvc", "queue", "start", "-j", "1")
         status = _wait_for_queue(root)
     finally:
         run(root, "dvc", "queue", "stop", check=False)  # no worker outlives the test
-    return {"root": root, "baseline": baseline, "status": status, "experiments": _experiments(root)}
+    return {"root": root, "client": client, "baseline": baseline, "before": before, "topk": topk,
+            "nothing": nothing, "runs_after_topk": runs_after_topk, "baseline_commit": baseline_commit,
+            "status": status, "experiments": _experiments(root)}
 
 
-def test_dvc_exp_show_lists_each_experiment_with_its_test_accuracy(swept):
-    experiments = swept["experiments"]
-    assert len(experiments) == 2, swept["status"]
-    assert sorted(str(e["params"]["train"]["learning_rate"]) for e in experiments.values()) == sorted(RATES)
-    for experiment in experiments.values():
-        assert 0.0 <= experiment["metrics"]["accuracy"] <= 1.0
+def test_an_evaluate_only_experiment_gets_its_own_run_pointing_to_the_reused_head(swept):
+    assert ran_stages(swept["topk"]) == ["evaluate", "export"]
+    runs, baseline = swept["runs_after_topk"], swept["baseline"]
+    assert sorted(runs) == sorted([baseline.info.run_name, "topk13"])
+    topk = runs["topk13"]
+    assert topk.info.status == "FINISHED" and topk.data.params["evaluate.top_k"] == "[1, 3]"
+    assert "test/top_3_accuracy" in topk.data.metrics
+    tags = topk.data.tags
+    for stage in ("download", "split", "bottlenecks", "train", "finetune"):
+        assert tags[f"retrain.reused.{stage}"] == baseline.info.run_id, stage
+    assert tags["retrain.ran.evaluate"] == tags["retrain.ran.export"] == "true"
+    assert "retrain.ran.train" not in tags
+    # The reused head's curves and bookkeeping are copied, so the run compares completely.
+    client = swept["client"]
+    assert swept["before"]["history"]["train/loss"] == [(m.step, m.value) for m in client.get_metric_history(topk.info.run_id, "train/loss")]
+    assert tags["backbone_id"] == baseline.data.tags["backbone_id"]
+
+
+def test_a_later_execution_never_changes_the_baseline_run(swept):
+    assert _snapshot(swept["client"], swept["baseline"].info.run_id) == swept["before"]
+    assert swept["before"]["params"]["evaluate.top_k"] == "[1, 2]"
+    assert "test/top_3_accuracy" not in swept["before"]["metrics"]
+
+
+def test_an_execution_that_runs_nothing_makes_no_run(swept):
+    assert ran_stages(swept["nothing"]) == []
+    assert "again" not in swept["runs_after_topk"]
+
+
+def test_dvc_exp_show_lists_each_queued_experiment_with_its_params_and_accuracy(swept):
+    queued = {name: e for name, e in swept["experiments"].items() if name not in ("topk13", "again")}
+    assert sorted(str(e["params"]["train"]["learning_rate"]) for e in queued.values()) == sorted(RATES), swept["status"]
+    runs = _runs(swept["client"])
+    for name, experiment in queued.items():
+        assert runs[name].data.metrics["test/accuracy"] == experiment["metrics"]["accuracy"]
 
 
 def test_queued_runs_log_to_the_workspace_store_named_after_their_experiments(swept):
-    root = swept["root"]
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("retrain").experiment_id])}
-    assert len(runs) == 3  # the baseline `dvc repro` and the two queued experiments
+    root, client = swept["root"], swept["client"]
+    runs = _runs(client)
+    assert len(runs) == 4, sorted(runs)  # baseline, topk13 and the two queued experiments
     for name, experiment in swept["experiments"].items():
+        if name in ("topk13", "again"):
+            continue
         logged = runs[name]
         assert logged.info.status == "FINISHED"
         assert logged.data.params["train.learning_rate"] == str(experiment["params"]["train"]["learning_rate"])
-        assert logged.data.metrics["test_accuracy"] == pytest.approx(experiment["metrics"]["accuracy"])
-        assert logged.data.tags["dvc_experiment"] == name and logged.data.tags["git_commit"] == swept["baseline"]
-        assert logged.data.tags["backbone_id"] and logged.data.tags["dataset_hash"]
+        tags = logged.data.tags
+        assert tags["dvc_experiment"] == name and tags["mlflow.source.git.commit"] == swept["baseline_commit"]
+        assert tags["retrain.reused.bottlenecks"] == swept["baseline"].info.run_id and tags["retrain.ran.train"] == "true"
+        assert sorted(d.dataset.name for d in logged.inputs.dataset_inputs) == ["test", "train", "validation"]
         assert logged.info.artifact_uri.startswith((root / "mlartifacts").as_uri())  # not the deleted temp copy
-        assert {"reports", "labels.txt"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
-    versions = client.search_model_versions("name='retrain-classifier'")
-    assert {v.run_id for v in versions} == {r.info.run_id for r in runs.values()}
-    for version in versions:  # each model's files live in the workspace, not in a deleted temp copy
-        location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+        assert {"reports", "labels.txt", "tensorboard"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
+        location = client.get_logged_model(tags["retrain.model_uri"].removeprefix("models:/")).artifact_location
         assert location.startswith((root / "mlartifacts").as_uri())
         assert (Path(urlparse(location).path) / "MLmodel").is_file()
+        events = list((root / "logs" / name).rglob("events.out.tfevents.*"))  # survives the temp copy
+        assert {p.parent.name for p in events} >= {"train", "validation", "test"}, events
+
+
+def test_experiments_leave_the_registry_alone_until_promote(swept, monkeypatch):
+    root, client = swept["root"], swept["client"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+    name = next(n for n in swept["experiments"] if n not in ("topk13", "again"))
+    out = run(root, "retrain", "promote", name, "--alias", "champion").stdout
+    assert "models:/retrain-classifier@champion" in out
+    version = client.get_model_version_by_alias("retrain-classifier", "champion")
+    assert version.run_id is None or version.run_id == _runs(client)[name].info.run_id
+    assert version.tags["retrain.run_id"] == _runs(client)[name].info.run_id
+    model = mlflow.pyfunc.load_model("models:/retrain-classifier@champion")
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    refused = run(root, "retrain", "promote", "no-such-experiment", check=False)
+    assert refused.returncode == 1 and "no MLflow run named 'no-such-experiment'" in refused.stderr
 
 
 def test_queued_runs_reuse_the_workspace_features(swept):
     for name in swept["experiments"]:
+        if name in ("topk13", "again"):
+            continue
         log = run(swept["root"], "dvc", "queue", "logs", name)
         assert "Stage 'bottlenecks' didn't change, skipping" in log.stdout, log.stdout[-3000:]
         assert ran_stages(log)[0] == "train"

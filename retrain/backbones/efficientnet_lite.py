@@ -36,7 +36,7 @@ CONVERTER_VERSION = "3"  # 2: adds single_pass, the loop-free graph TFLite needs
 # features at 256x256 classify better: random-crop training makes objects look bigger than in a
 # whole photo squeezed to 224, and a larger input undoes that (Touvron et al. 2019, "FixRes").
 # Flowers, 224 → 256: validation 93.9% → 95.6%, test 90.9% → 93.0%, for 1.3x the compute (README).
-IMAGE_SIZE = (256, 256)
+IMAGE_SIZE = tuple(presets.PRESETS[presets.EMBEDDED].image_size)  # (256, 256), declared there
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3
@@ -246,6 +246,16 @@ class EfficientNetLite(tf.train.Checkpoint):
 
 
 EfficientNetLite0 = EfficientNetLite  # the name before Lite1 and Lite2 came
+
+
+def multiply_adds(module, image_size):
+    """Multiply-adds of one image's features: a cost measure that no noisy clock can blur."""
+    height, width, total = *image_size, 0
+    for kind, stride, kernel, _ in module._convs:
+        height, width = -(-height // stride), -(-width // stride)  # TF `SAME`: ceil(size / stride)
+        k_h, k_w, channels, outputs = kernel.shape
+        total += height * width * k_h * k_w * channels * (1 if kind == "depthwise" else outputs)
+    return total
 
 
 def build(weights_path=None, image_size=None, *, variant=DEFAULT_VARIANT):

@@ -11,6 +11,7 @@ Modules are loaded with `tf.saved_model.load` / `tensorflow_hub.load`, never `hu
 (it fails under Keras 3).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -43,16 +44,28 @@ class Backbone:
         tf.Module can hold it as an attribute and `tf.saved_model.save` stores its variables.
     """
 
-    def __init__(self, name, id, image_size, feature_dim, module, call):
+    def __init__(self, name, id, image_size, feature_dim, module, call, load=None):
         self.name = name
         self.id = id
         self.weights_id = id  # `id` before the runtime is added to it
         self.runtime = "tensorflow"
         self.image_size = tuple(image_size)
         self.feature_dim = int(feature_dim)
-        self.module = module
-        self._call = call
+        self._module, self._call_module, self._load = module, call, load
         self._tflite = self._extractor = None
+
+    @property
+    def module(self):
+        """The restored module, loaded on first use when the backbone came from the memo: a stage
+        that extracts on XNNPACK never restores the SavedModel (0.5-0.8 s of its start-up)."""
+        if self._module is None:
+            self._module = self._load()
+            self._call_module = _feature_function(self.name, self._module)[0]
+        return self._module
+
+    def _call(self, images):
+        self.module  # noqa: B018  (loads it on first use)
+        return self._call_module(images)
 
     def on_xnnpack(self, tflite_path):
         """Extract with the checked .tflite conversion at tflite_path; the id names the runtime."""
@@ -115,38 +128,37 @@ def _load_tensorflow(spec, image_size):
                            f"got {spec!r}; presets: {', '.join(presets.names())}")
     if image_size is not None:
         image_size = _check_image_size(spec, image_size)
-    module, source, extra = _load_module(spec, image_size)
+    load, source, extra = _load_module(spec, image_size)
+    # Validating the module on two images, hashing every weight and restoring it cost 0.9-1.2 s
+    # of each stage's start-up: done once per module folder, then read from a memo.
+    memo = _memo_path(source, image_size, extra)
+    known = _read_memo(memo)
+    if known:
+        return Backbone(spec, known["id"], known["image_size"], known["feature_dim"], None, None, load)
+    module = load()
     call, input_specs = _feature_function(spec, module)
     size = _resolve_image_size(spec, input_specs, image_size, presets.image_size(spec))
-    feature_dim, id = _identity(spec, module, call, size, source, extra)
-    return Backbone(spec, id, size, feature_dim, module, call)
-
-
-def _identity(spec, module, call, size, source, extra):
-    """(feature_dim, id): validated and hashed once per module folder, then read from a memo.
-
-    Running the module on two images and hashing every weight cost 0.4 s of each stage's
-    start-up. The memo is keyed by the folder's files (path, size, mtime), so a changed module
-    is validated and hashed again.
-    """
-    memo = _memo_path(source, size, extra)
-    try:
-        known = json.loads(memo.read_text(encoding="utf-8")) if memo else None
-        return int(known["feature_dim"]), str(known["id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     feature_dim = _validate(spec, call, size)
     id = _backbone_id(spec, module, size, source, extra)
     if memo:
         memo.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(memo) as temp:
-            temp.write_text(json.dumps({"feature_dim": feature_dim, "id": id}), encoding="utf-8")
-    return feature_dim, id
+            temp.write_text(json.dumps({"feature_dim": feature_dim, "id": id, "image_size": size}), encoding="utf-8")
+    return Backbone(spec, id, size, feature_dim, module, call)
+
+
+def _read_memo(memo):
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8")) if memo else None
+        return {"id": str(known["id"]), "feature_dim": int(known["feature_dim"]),
+                "image_size": tuple(int(v) for v in known["image_size"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _memo_path(source, size, extra):
-    """cache_root()/backbones/ids/<digest of the module folder's files, size, extra>.json; None
-    for a module without a local folder."""
+    """cache_root()/backbones/ids/<digest of the module folder's files (path, size, mtime), the
+    requested size, extra>.json, so a changed module is checked again; None without a folder."""
     folder = source if os.path.isdir(source) else presets.hub_cache_path(source)
     if not folder:
         return None
@@ -159,19 +171,21 @@ def _memo_path(source, size, extra):
 
 
 def _load_module(spec, image_size=None):
-    """(loaded module, its source folder or handle, extra text for the id) for a spec."""
+    """(a function that loads the module, its source folder or handle, extra text for the id)."""
     if presets.is_embedded(spec):  # converted once per size: a fixed-size module, like a hub one
         folder = efficientnet_lite.convert(image_size=image_size, variant=spec)
         extra = f"{spec}-c{efficientnet_lite.CONVERTER_VERSION}"
-        return _load_dir(spec, folder), folder, extra
+        return functools.partial(_load_dir, spec, folder), folder, extra
     if spec in presets.PRESETS:
         handle = presets.PRESETS[spec].handle
-        return _load_hub(handle), handle, ""
+        return functools.partial(_load_hub, handle), handle, ""
     if presets.is_url(spec):
-        return _load_hub(spec), spec, ""
+        return functools.partial(_load_hub, spec), spec, ""
     folder = os.path.expanduser(spec)
     if os.path.isdir(folder):
-        return _load_dir(spec, folder), folder, ""
+        if not os.path.isfile(os.path.join(folder, "saved_model.pb")):
+            _load_dir(spec, folder)  # its one-line error, before a memo could be looked for
+        return functools.partial(_load_dir, spec, folder), folder, ""
     raise RetrainError(f"backbone {spec!r} is no preset, URL or folder; presets: "
                        f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)")
 
