@@ -124,17 +124,18 @@ def figures(features_dir: Path | None = None, rounds: int = 3, trials: int = 20,
     train, validation, classes, source = features(features_dir)
     out = {"data": source, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     out["fit"] = fit_figures(train, validation, classes, rounds, seed)
-    out["search"] = search_figures(train, validation, classes, trials, seed)
+    if trials:
+        out["search"] = search_figures(train, validation, classes, trials, seed)
     out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
 def rows(head: dict) -> list[dict]:
     """Table rows in benchmarks/run.py's form (figure, value, target, pass)."""
-    fit, search, default = head["fit"], head["search"], head["fit"]["default_params"]
+    fit, search, default = head["fit"], head.get("search"), head["fit"]["default_params"]
     new, old = fit["train_head_median_s"], fit["keras_fit_median_s"]
     rounds = " / ".join(f"{a['wall_s']:.2f}-{b['wall_s']:.2f}" for a, b in zip(fit["keras_fit"], fit["train_head"]))
-    return [
+    out = [
         {"figure": f"head fit, default params, {FIT_EPOCHS} epochs, median (bench_head.py)",
          "value": f"{new:.2f} s (CPU {fit['train_head_median_cpu_s']:.2f} s); Keras fit {old:.2f} s "
                   f"(CPU {fit['keras_fit_median_cpu_s']:.2f} s), {old / new:.1f}x; rounds Keras-ours {rounds}; "
@@ -143,18 +144,20 @@ def rows(head: dict) -> list[dict]:
         {"figure": "head fit, default params with early stopping",
          "value": f"{default['wall_s']:.2f} s, {default['epochs']} epochs, best val loss {default['best_val_loss']}",
          "target": "", "pass": None},
-        {"figure": f"head search, {search['trials']} trials (Optuna TPE, seeded)",
-         "value": f"{search['wall_s']:.0f} s (CPU {search['cpu_s']:.0f} s), epochs per trial {search['epochs']}, "
-                  f"best val loss {search['best_value']}",
-         "target": f"≤ {SEARCH_TARGET_S:g} s", "pass": search["wall_s"] <= SEARCH_TARGET_S},
     ]
+    if search:
+        out.append({"figure": f"head search, {search['trials']} trials (Optuna TPE, seeded)",
+                    "value": f"{search['wall_s']:.0f} s (CPU {search['cpu_s']:.0f} s), epochs per trial {search['epochs']}, "
+                             f"best val loss {search['best_value']}",
+                    "target": f"≤ {SEARCH_TARGET_S:g} s", "pass": search["wall_s"] <= SEARCH_TARGET_S})
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, default=None, help="a data/features folder (default: random features)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each fit (median)")
-    parser.add_argument("--trials", type=int, default=20, help="trials of the search")
+    parser.add_argument("--trials", type=int, default=20, help="trials of the search (0: no search)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     head = figures(args.features, args.rounds, args.trials)

@@ -10,7 +10,7 @@ On the real photos (or any folder of class folders), in interleaved rounds:
 Every figure is the median img/s over rounds, with the rounds beside it. Writes
 benchmarks/results/runtime.json.
 
-    .venv/bin/python benchmarks/bench_runtime.py [--data DIR] [--images 320] [--rounds 3] [--check 2400]
+    .venv/bin/python benchmarks/bench_runtime.py [--data flower_photos.tgz] [--images 320] [--rounds 3] [--check 2400]
 """
 
 import argparse
@@ -29,7 +29,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 
 import numpy as np  # noqa: E402
 
-from project import image_paths  # noqa: E402  (benchmarks/project.py)
+from project import image_folder, image_paths  # noqa: E402  (benchmarks/project.py)
+from run import REAL_DATA, REAL_SHA256  # noqa: E402  (benchmarks/run.py)
 
 SPLITS = [(threads, decodes, prefetch) for threads, decodes, prefetch in itertools.product((1, 2), (1, 2), (2, 4))]
 
@@ -100,7 +101,7 @@ def max_difference(tf_backbone, xnnpack_backbone, files) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/tmp/h3/data/flower_photos"), help="folder of class folders")
+    parser.add_argument("--data", type=Path, default=REAL_DATA, help="flower_photos.tgz or a folder of class folders")
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--check", type=int, default=2400, help="photos for the feature difference")
@@ -111,7 +112,9 @@ def main():
     from retrain.download import file_sha256
     from retrain.features import Example
 
-    files = image_paths(args.data)
+    folder, source = image_folder(args.data, REAL_SHA256, args.work / "images", None)
+    print(f"images: {source}", flush=True)
+    files = image_paths(folder)
     on_tf, on_xnnpack = load_backbone("efficientnet_lite0"), load_backbone("efficientnet_lite0", runtime="xnnpack")
     examples = [Example(str(p), p.parent.name, "train", file_sha256(p)) for p in files[:args.images]]
     result = {"images": len(examples), "rounds": args.rounds, "cores": os.cpu_count(),
@@ -119,9 +122,9 @@ def main():
     result["model_alone"] = rounds_of(model_alone(on_xnnpack, args.images), args.images, args.rounds)
     try:
         result["compute_path"] = rounds_of(compute_paths(on_xnnpack, examples, args.work), len(examples), args.rounds)
+        result["max_abs_feature_difference"] = max_difference(on_tf, on_xnnpack, files[:args.check])
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    result["max_abs_feature_difference"] = max_difference(on_tf, on_xnnpack, files[:args.check])
     result["checked_photos"] = len(files[:args.check])
     result["load_average_at_end"] = os.getloadavg()[0]
     print()

@@ -81,8 +81,10 @@ def main(argv=None) -> int:
         root = result["pipeline"].pop("_project")
         result["startup"] = measure.startup_figures(root, max(3, args.rounds))
         result["predict"] = measure.predict_figures(root, images, args.compare_images)
-        # The head on this project's features: its fit beside Keras fit, and the 20-trial search.
-        result["head"] = bench_head.figures(root / "data" / "features", args.rounds, trials=3 if args.quick else 20)
+        # The head on this project's features: its fit beside Keras fit, and the 20-trial search
+        # (3 trials in a small run: --quick or --images).
+        result["head"] = bench_head.figures(root / "data" / "features", args.rounds,
+                                            trials=3 if args.quick or args.images else 20)
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["total_s"] = round(time.time() - started, 1)
         result["table"] = measure.table(result)

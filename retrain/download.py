@@ -440,6 +440,9 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             names = _Names(archive)
             for info in infos:
                 names.add(info.filename, info.is_dir())
+            # What the directory claims, refused before a byte is written; the copy counts again
+            # (a directory can under-state a size).
+            _Budget(archive, budget.limits, budget.archive_bytes).add(sum(info.file_size for info in wanted))
             for info in wanted:
                 _write_zip_entry(zf, info, dest, budget)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, *_DECOMPRESS_ERRORS) as e:

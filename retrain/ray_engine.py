@@ -4,7 +4,7 @@
 `augment.compute_views`) for ones with the same signature and stats that run on Ray: the rows of
 split.csv whose cache entry is missing become a Ray dataset of (cache key, image path, view seed);
 `map_batches` sends them to a pool of actors, each of which loads the backbone once, decodes with
-the project's one image pipeline (`features.image_loader`, with `augment.augmenter` for views) and writes every
+the project's one image pipeline (`features.image_dataset`, with `augment.augmenter` for views) and writes every
 vector into the same content-addressed `FeatureCache` (atomic entries), so a cache filled by
 either engine serves the other. The driver only counts what comes back (a tqdm bar with images/s
 beside Ray Data's own progress) and then writes the split arrays exactly as the local engine does.
@@ -29,6 +29,10 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 # Blocks the driver cuts the rows into: enough for every actor to get work and for a lost block to
 # be cheap to redo, few enough that the driver does not hold millions of tiny objects.
 MAX_BLOCKS = 1000
+# Backbone batches per actor call: each call runs the local engine's pipeline over its rows, so a
+# bigger call amortises building that pipeline; smaller ones still give every actor a share.
+MAX_BATCHES_PER_CALL = 8
+CALLS_PER_ACTOR = 4
 ACTOR_START_TIMEOUT_S = 600  # a backbone actor imports TensorFlow and loads the model: seconds, not minutes
 
 
@@ -119,7 +123,9 @@ def connect(address: str | None = None) -> dict:
             if address:
                 ray.init(address=address, runtime_env=runtime_env, logging_level="warning")
             else:
-                ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, logging_level="warning")
+                # "local": a new Ray of its own, never one that happens to run on this machine.
+                ray.init(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env,
+                         logging_level="warning")
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             raise RetrainError(f"bottlenecks.engine ray: cannot start or join {where} ({_first_line(e)}); "
@@ -138,9 +144,11 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     # Start the whole pool before the first batch: otherwise the first actor up takes every block
     # of a small job while the others still load the backbone. A pool that cannot start fails.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    dataset = ray.data.from_pandas(_blocks(missing, batch_size))
+    batches = math.ceil(len(missing) / (actors * CALLS_PER_ACTOR * batch_size))
+    per_call = batch_size * min(MAX_BATCHES_PER_CALL, max(1, batches))
+    dataset = ray.data.from_pandas(_blocks(missing, per_call))
     results = dataset.map_batches(
-        _Embedder, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
+        _Embedder, fn_constructor_args=(job, batch_size), batch_size=per_call, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
     )
     computed, nodes = 0, set()
@@ -158,8 +166,8 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     return computed, len(nodes)
 
 
-def _blocks(missing: dict, batch_size: int):
-    """The rows as pandas blocks of whole batches, in the order given.
+def _blocks(missing: dict, per_call: int):
+    """The rows as pandas blocks of whole actor calls (whole backbone batches), in the order given.
 
     Whole batches per block make Ray's batches the local engine's batches (same images together),
     so even a backbone whose numbers depended on batch composition would give the same vectors.
@@ -170,55 +178,49 @@ def _blocks(missing: dict, batch_size: int):
     paths = [str(Path(path).resolve()) for path, _ in missing.values()]
     seeds = np.array([seed for _, seed in missing.values()], np.int32).reshape(-1, 2)
     rows = pd.DataFrame({"key": keys, "path": paths, "seed0": seeds[:, 0], "seed1": seeds[:, 1]})
-    per_block = batch_size * max(1, math.ceil(len(rows) / batch_size / MAX_BLOCKS))
+    per_block = per_call * max(1, math.ceil(len(rows) / per_call / MAX_BLOCKS))
     return [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
 
 
 class _Embedder:
-    """A Ray actor: the backbone loaded once; batches of rows in, vectors into the cache, counts out."""
+    """A Ray actor: the backbone loaded once; each call runs the local engine's pipeline over its rows.
 
-    def __init__(self, job: Job):
+    That is `features.image_dataset` (parallel decode with the one decoder, augmentation for views)
+    into `features.fill_cache` (the backbone on its runtime, cache writes on a background thread):
+    the same code as `engine: local`, so the same vectors.
+    """
+
+    def __init__(self, job: Job, batch_size: int):
         import ray
 
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         # As many inference threads as CPUs Ray gave this actor: the runtimes' default of one per
-        # core in every actor would oversubscribe the node. XNNPACK reads this when first imported.
+        # core in every actor would oversubscribe the node. XNNPACK reads this when first imported;
+        # tqdm reads TQDM_DISABLE then too (the driver shows the one bar).
         os.environ.setdefault("RETRAIN_XNNPACK_THREADS", str(cpus))
-        import tensorflow as tf
-
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from retrain.backbones import load_backbone
-        from retrain.features import FeatureCache, image_loader
+        from retrain.features import FeatureCache
 
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(cpus)
-            tf.config.threading.set_inter_op_parallelism_threads(cpus)
-        except RuntimeError:  # TensorFlow already started in this worker: keep its threads
-            pass
         self.backbone = load_backbone(job.backbone, job.image_size, runtime=job.runtime)
         if self.backbone.id != job.backbone_id:
             raise RetrainError(f"backbone {job.backbone!r} loads as {self.backbone.id[:12]} on node "
                                f"{ray.get_runtime_context().get_node_id()[:12]}, not the driver's "
                                f"{job.backbone_id[:12]}; give every node the same weights and runtime")
         self.cache = FeatureCache(Path(job.cache_root), self.backbone.id, self.backbone.feature_dim)
-        # The local engine's per-image step, traced once per actor: a tf.data pipeline per Ray batch
-        # retraced the decoder every time (~150 ms per 32 images, measured), more than decoding them.
-        self.load = image_loader(tuple(self.backbone.image_size), _transform(job.augment))
+        self.transform = _transform(job.augment)
+        self.batch_size = batch_size
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
-        import tensorflow as tf
+        from retrain.features import fill_cache, image_dataset
 
-        images, keys = [], []
-        for key, path, seed0, seed1 in zip(batch["key"], batch["path"], batch["seed0"], batch["seed1"]):
-            try:
-                images.append(self.load(tf.constant(path), tf.constant([seed0, seed1], tf.int32)))
-                keys.append(str(key))
-            except tf.errors.OpError:  # as the local engine: an image that changed since split is skipped
-                continue
-        if images:
-            for key, vector in zip(keys, self.backbone.extract(tf.stack(images))):
-                self.cache.put(key, vector)
-        return {"computed": np.array([len(keys)]), "node": np.array([self.node])}
+        keys = [str(key) for key in batch["key"]]
+        seeds = np.stack([batch["seed0"], batch["seed1"]], axis=1)
+        images = image_dataset([str(p) for p in batch["path"]], self.backbone.image_size, self.batch_size,
+                               self.transform, seeds, extra=[keys])
+        computed = fill_cache(images, self.backbone, self.cache, len(keys), "")
+        return {"computed": np.array([computed]), "node": np.array([self.node])}
 
 
 def _transform(augment: dict | None):

@@ -50,7 +50,9 @@ def _provide_parser_version() -> None:
     its metadata.py imports for one call, the minimum parser version; everything else is pure Python
     or in libmediapipe.so. Stand in for it with the version our writer's fields need, unless a
     wheel that ships the real module is installed."""
-    tasks = importlib.util.find_spec("mediapipe.tasks")
+    tasks = importlib.util.find_spec("mediapipe.tasks") if importlib.util.find_spec("mediapipe") else None
+    if tasks is None:
+        raise RetrainError("TFLite metadata needs mediapipe, which is not installed: pip install mediapipe==1.2.3")
     if _VERSION_MODULE in sys.modules or any((Path(p) / "cc").is_dir() for p in tasks.submodule_search_locations):
         return
     parts = _VERSION_MODULE.split(".")

@@ -113,10 +113,13 @@ def execution_key() -> str:
     """Who this pipeline execution is: the nearest `dvc` process above us (host:pid:start time).
 
     Every stage of one `dvc repro` or `dvc exp run` is a child of the same dvc process, and each
-    queued experiment has its own `dvc exp exec-run`. A stage run by hand is its own execution.
+    queued experiment has its own `dvc exp exec-run`. A stage run by hand is its own execution;
+    `$RETRAIN_EXECUTION` names one explicitly.
     """
     import psutil
 
+    if os.environ.get("RETRAIN_EXECUTION"):  # a scheduler running stages without dvc names its execution
+        return os.environ["RETRAIN_EXECUTION"]
     me = psutil.Process()
     for process in me.parents():
         try:
@@ -335,6 +338,7 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         if log_datasets and paths.SPLIT_CSV.exists():
             log_dataset_inputs(handle, paths.SPLIT_CSV, params.data.url)
         yield handle
+        handle.set_tags({f"{stage}.process_seconds": round(time.time() - _started(), 2)})  # where sweep time goes
         _write_provenance(handle, params.tracking.experiment)
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
@@ -347,6 +351,12 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         raise
     mlflow.end_run()
     del active
+
+
+def _started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _end_quietly(status) -> None:

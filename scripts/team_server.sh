@@ -8,6 +8,8 @@
 #   HOST, PORT   where MLflow listens (default 127.0.0.1:5000; 0.0.0.0 to serve a team)
 #   PGPORT       PostgreSQL's port; it listens on 127.0.0.1 only (default 5433)
 #   AUTH=1       MLflow basic auth; the first start needs MLFLOW_AUTH_ADMIN_PASSWORD for the admin
+#   AUTH_DEFAULT_PERMISSION  what a signed-in user may do to others' experiments (default EDIT:
+#                the team shares one 'retrain' experiment; READ, then grant per experiment)
 #   WORKERS      MLflow server workers (default 4)
 # Nothing here stores a password: the admin password comes from the environment once, clients
 # use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials.
@@ -74,11 +76,17 @@ fi
 if [ "${AUTH:-0}" = 1 ]; then
     cat >"$TEAM_DIR/basic_auth.ini" <<EOF
 [mlflow]
-default_permission = READ
+default_permission = ${AUTH_DEFAULT_PERMISSION:-EDIT}
 database_uri = postgresql+psycopg://$DB_USER@127.0.0.1:$PGPORT/${DB}_auth
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 EOF
     export MLFLOW_AUTH_CONFIG_PATH="$TEAM_DIR/basic_auth.ini"
+    # The auth app signs its CSRF tokens with a key every worker and restart must share: made once,
+    # readable by this account only, never in the project.
+    key_file="$TEAM_DIR/flask_secret_key"
+    [ -s "$key_file" ] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$key_file")
+    MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(cat "$key_file")}"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
     args+=(--app-name basic-auth)
 fi
 

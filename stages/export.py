@@ -44,7 +44,9 @@ def export():
 
         run.set_tags({"export.max_abs_difference": f"{worst:.3g}"})
         mlflow.log_artifact(str(paths.MODEL_DIR / "labels.txt"))
-        mlflow.log_metrics(tflite_metrics)  # tflite_<variant>_accuracy, _size_bytes, _latency_ms, _written
+        # Charts grouped under tflite/: <variant>_accuracy, _size_bytes, _latency_ms; whether written is a tag.
+        run.log_metrics({k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")})
+        run.set_tags({k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")})
         model_uri = _log_model(test_paths[0])
         run.set_tags({"retrain.model_uri": model_uri})
         run.extra["model_uri"] = model_uri

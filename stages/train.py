@@ -31,7 +31,7 @@ def train():
     weights = {}  # weight histograms for TensorBoard every 10th epoch (cheap copies, written once)
     started = time.perf_counter()
     model, history = train_head((x_train, y_train), (x_val, y_val), len(labels), head_params, params.seed,
-                                on_epoch=lambda epoch, logs, m: _keep_weights(weights, epoch, m))
+                                on_epoch=lambda epoch, logs, m: _progress(weights, epoch, logs, m, head_params.epochs))
     seconds = time.perf_counter() - started
     save_head(model, paths.HEAD)
     _write_history(history)
@@ -55,7 +55,9 @@ def _metric_name(key: str) -> str:
     return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
 
 
-def _keep_weights(weights: dict, epoch: int, model) -> None:
+def _progress(weights: dict, epoch: int, logs: dict, model, epochs: int) -> None:
+    """One line per epoch, as Keras fit printed; weights kept every 10th epoch for TensorBoard."""
+    print(f"epoch {epoch + 1}/{epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()), flush=True)
     if epoch % 10 == 0:
         weights[epoch] = [(v.path, np.array(v.numpy())) for v in model.trainable_variables]
 

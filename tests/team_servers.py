@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -78,8 +79,13 @@ def postgres(user: str = "retrain"):
     if drop:
         shutil.chown(folder, "postgres", "postgres")
     data, log, port = folder / "data", folder / "postgres.log", free_port()
-    run = lambda *cmd: subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], capture_output=True, text=True,
-                                      check=True, timeout=120, **drop)
+
+    def run(*command: str) -> None:
+        done = subprocess.run([str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True,
+                              timeout=120, **drop)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[-2000:]} (log: {log})")
+
     try:
         run("initdb", "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync")
         # fsync off: a test cluster need not survive a power cut, and it makes migrations fast.
@@ -112,7 +118,9 @@ def mlflow_team_server(backend_uri: str, folder: Path, auth: dict | None = None,
         config = folder / "basic_auth.ini"
         config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth['database']}\n"
                           f"admin_username = {auth['admin']}\n")
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=auth["password"])
+        # The auth app's CSRF protection signs with this key; every worker must share it.
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=auth["password"],
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
         command += ["--app-name", "basic-auth"]
     process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)  # its own group: gunicorn's workers go with it

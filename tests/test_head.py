@@ -51,7 +51,7 @@ def test_early_stopping_ends_on_the_best_epochs_weights():
     model, history = train_head(train, validation, 3, params, seed=0, on_epoch=lambda e, logs, m: snapshots.append(_weights(m)))
     best = int(np.argmin(history["val_loss"]))
     assert len(history["val_loss"]) == best + 1 + 3 < 40  # stopped `patience` epochs after the best
-    for restored, at_best, at_end in zip(_weights(model), snapshots[best], snapshots[-1]):
+    for restored, at_best in zip(_weights(model), snapshots[best]):
         assert np.array_equal(restored, at_best)
     assert not np.array_equal(_weights(model)[0], snapshots[-1][0])
 

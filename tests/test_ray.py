@@ -123,7 +123,8 @@ def test_concurrent_writers_on_one_cache_never_leave_a_partial_entry(tmp_path):
 
     from retrain.features import FeatureCache
 
-    writers = [multiprocessing.get_context("fork").Process(target=_hammer, args=(str(tmp_path), s, 100)) for s in (1, 2)]
+    fork = multiprocessing.get_context("fork")
+    writers = [fork.Process(target=_hammer, args=(str(tmp_path), seed, 100)) for seed in (1, 2)]
     for writer in writers:
         writer.start()
     reader, seen = FeatureCache(tmp_path, "shared", 256), 0
@@ -141,3 +142,44 @@ def test_concurrent_writers_on_one_cache_never_leave_a_partial_entry(tmp_path):
     names = sorted(p.name for p in tmp_path.rglob("*"))  # no temporary file left behind
     assert names == sorted({"shared", f"p{PREPROCESSING_VERSION}", *(f"{k:064x}"[:2] for k in range(8)),
                             *(f"{k:064x}.npy" for k in range(8))})
+
+
+def test_losing_a_worker_node_mid_run_finishes_or_stops_in_one_line_and_a_rerun_computes_only_the_rest(
+        project, tmp_path, monkeypatch):
+    """A node of its own cluster dies once the first vectors are in: the stage finishes, or stops with
+    one line; either way the next run computes exactly the images still missing."""
+    import subprocess
+    import sys
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    run(project, "dvc", "repro", "split")  # then 100 photos per class instead of 8, split by the script itself
+    make_class_folders(project / "data/raw/flowers", CLASSES, per_class=100, size=(48, 48))
+    run(project, sys.executable, "stages/split.py")
+    set_params(project, **{"bottlenecks.engine": "ray", "bottlenecks.batch_size": 1, "bottlenecks.ray_actors": None,
+                           "augment.copies": 0})
+    features = tmp_path / "cache/features"
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
+    try:
+        worker = nodes.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        nodes.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", nodes.address)
+        stage = subprocess.Popen([sys.executable, "stages/bottlenecks.py"], cwd=project, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while stage.poll() is None and sum(1 for _ in features.rglob("*.npy")) < 20:
+            time.sleep(0.05)
+        nodes.remove_node(worker)  # its raylet and its actor die with it
+        out, err = stage.communicate(timeout=600)
+        done = sum(1 for _ in features.rglob("*.npy"))
+        if stage.returncode != 0:
+            last = err.strip().splitlines()[-1]
+            assert last.startswith("error: bottlenecks.engine ray:") and "Traceback" not in err, err[-3000:]
+        else:
+            assert done == 300, out
+        run(project, sys.executable, "stages/bottlenecks.py")  # on the head alone now
+        again = json.loads((project / "data/bottlenecks.json").read_text())
+        assert (again["computed"], again["cache_hits"]) == (300 - done, done)
+    finally:
+        nodes.shutdown()

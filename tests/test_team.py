@@ -10,6 +10,7 @@ server on the same store turns on basic auth. The tests run in file order and sh
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,7 +98,7 @@ def test_a_pipeline_run_lands_complete_on_the_team_server(origin, team):
     assert logged.info.status == "FINISHED"
     assert logged.data.params["train.learning_rate"] == "0.05" and "data.url" in logged.data.params
     assert logged.data.metrics["test/accuracy"] >= 0.9
-    assert len(client.get_metric_history(logged.info.run_id, "val_loss")) > 1
+    assert len(client.get_metric_history(logged.info.run_id, "val/loss")) > 1
     assert {d.dataset.name for d in logged.inputs.dataset_inputs} == {"train", "validation", "test"}
     # Proxied artifacts: the client only ever saw mlflow-artifacts:/ URIs; the files are the server's.
     assert logged.info.artifact_uri.startswith("mlflow-artifacts:/")
@@ -227,12 +228,37 @@ def test_two_teammates_and_a_parallel_sweep_log_at_once(origin, team, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def locked(cluster, team, tmp_path_factory):
-    """The same store behind MLflow's basic auth; the admin's password comes from the environment."""
+def locked():
+    """`make team-server AUTH=1`'s script on a folder of its own: {"uri", "dir", "log", "stop", admin, password}.
+
+    The admin's password reaches the server through MLflow's environment variable, once; the folder
+    is made with mkdtemp and opened to 0755 because under root the postgres user must enter it.
+    """
+    team_dir = Path(tempfile.mkdtemp(prefix="retrain-team-"))
+    team_dir.chmod(0o755)
+    port, log = free_port(), team_dir / "team-server.log"
     secret = {"admin": "admin", "password": "a-long-admin-secret-1"}
-    auth = {**secret, "database": cluster.create_database("mlflow_auth")}
-    with mlflow_team_server(cluster.uri("mlflow"), tmp_path_factory.mktemp("locked-server"), auth=auth, workers=1) as uri:
-        yield {"uri": uri, **secret}
+    env = {**os.environ, "TEAM_DIR": str(team_dir), "PORT": str(port), "PGPORT": str(free_port()), "WORKERS": "1",
+           "AUTH": "1", "MLFLOW_AUTH_ADMIN_PASSWORD": secret["password"], "MLFLOW": str(MLFLOW),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen([str(REPO / "scripts/team_server.sh")], env=env, stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # what Ctrl-C on `make team-server` sends
+        process.wait(timeout=60)
+
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/health", process, log, timeout_s=180)
+        yield {"uri": f"http://127.0.0.1:{port}", "dir": team_dir, "log": log, "stop": stop, **secret}
+    finally:
+        stop()
+        shutil.rmtree(team_dir, ignore_errors=True)
+
+
+def test_team_server_prints_the_uri_to_export(locked):
+    assert f"export MLFLOW_TRACKING_URI={locked['uri']}\n" in locked["log"].read_text()
 
 
 def test_basic_auth_refuses_a_client_without_credentials(locked, monkeypatch):
@@ -246,17 +272,16 @@ def test_basic_auth_refuses_a_client_without_credentials(locked, monkeypatch):
 
 
 def test_basic_auth_lets_a_teammate_with_credentials_log_a_run(locked, monkeypatch):
-    # The admin makes the teammate's account; the teammate's password lives in the environment only.
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", locked["admin"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", locked["password"])
+    # The admin makes the teammate's account; passwords live in the environment only.
     from mlflow.server import get_app_client
 
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", locked["admin"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", locked["password"])
     get_app_client("basic-auth", tracking_uri=locked["uri"]).create_user("carol", "carols-own-secret-2")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "carols-own-secret-2")
     client = mlflow.MlflowClient(locked["uri"])
-    experiment_id = client.create_experiment("carols-experiment")
-    logged = client.create_run(experiment_id, run_name="carol-1")
+    logged = client.create_run(client.create_experiment("carols-experiment"), run_name="carol-1")
     client.log_metric(logged.info.run_id, "accuracy", 0.9)
     client.set_terminated(logged.info.run_id)
     finished = client.get_run(logged.info.run_id)
@@ -266,27 +291,8 @@ def test_basic_auth_lets_a_teammate_with_credentials_log_a_run(locked, monkeypat
         client.get_run(logged.info.run_id)
 
 
-def test_team_server_script_starts_the_stack_and_stops_postgres_with_it():
-    # What `make team-server` runs. Its folder must be one the postgres user can enter under root.
-    team_dir = Path(tempfile.mkdtemp(prefix="retrain-team-"))
-    team_dir.chmod(0o755)
-    port = free_port()
-    env = {**os.environ, "TEAM_DIR": str(team_dir), "PORT": str(port), "PGPORT": str(free_port()), "WORKERS": "1",
-           "MLFLOW": str(MLFLOW), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = team_dir / "team-server.log"
-    process = subprocess.Popen([str(REPO / "scripts/team_server.sh")], env=env, stdout=open(log, "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/health", process, log, timeout_s=180)
-        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{port}\n" in log.read_text()
-        uri = f"http://127.0.0.1:{port}"
-        client = mlflow.MlflowClient(uri)
-        logged = client.create_run(client.create_experiment("smoke"))
-        client.set_terminated(logged.info.run_id)
-        assert client.get_run(logged.info.run_id).info.status == "FINISHED"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    assert not (team_dir / "pgdata/postmaster.pid").exists()  # PostgreSQL went down with MLflow
+def test_stopping_the_team_server_stops_postgres_with_it(locked):
+    locked["stop"]()
+    assert not (locked["dir"] / "pgdata/postmaster.pid").exists()
     with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0
+        assert probe.connect_ex(("127.0.0.1", int(locked["uri"].rsplit(":", 1)[1]))) != 0

@@ -2,7 +2,10 @@
 
 import json
 import multiprocessing
+import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -26,6 +29,7 @@ def _default_store_at(folder, monkeypatch):
 def workspace(project, monkeypatch):
     """The project folder as the current directory, on the default (SQLite) store."""
     _default_store_at(project, monkeypatch)
+    shutil.rmtree(project / "data", ignore_errors=True)  # each test's own provenance files
     yield project
     mlflow.set_tracking_uri(None)
 
@@ -75,38 +79,110 @@ def test_temporary_experiment_copies_log_to_the_parent_repos_store(project, tmp_
     mlflow.set_tracking_uri(None)
 
 
-def test_a_run_is_named_after_the_dvc_experiment_and_tagged(workspace, monkeypatch):
+def _params(**changes):
+    """The shipped params with a few changed, validated like params.yaml."""
+    import yaml
+
+    from retrain.params import parse_params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return parse_params(raw)
+
+
+def _stage(stage, params, metrics=None, **tags):
+    with tracking.stage_run(stage, params) as run:
+        if metrics:
+            run.log_metrics(metrics)
+        run.set_tags(tags)
+    return run.run_id
+
+
+def _runs(name="retrain"):
+    client = mlflow.MlflowClient()
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id])
+
+
+def test_stages_of_one_execution_share_one_run_named_after_the_dvc_experiment(workspace, monkeypatch):
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
-    run_file = workspace / "data/train/run.json"
-    run_id = tracking.start_run("retrain", {"train.learning_rate": 0.01, "seed": 42},
-                                {"backbone_id": "tiny-abc", "dataset_hash": "d41d8c"}, run_file)
-    assert json.loads(run_file.read_text()) == {"run_id": run_id, "run_name": "lucky-lark", "experiment": "retrain"}
-    with tracking.resumed_run(run_file):
-        mlflow.log_metric("test_accuracy", 0.5)
-    run = mlflow.MlflowClient().get_run(run_id)
+    monkeypatch.setenv("RETRAIN_EXECUTION", "execution-1")
+    params = _params(**{"tracking.experiment": "named"})
+    first = _stage("train", params, {"val/loss": 0.5}, **{"train.epochs": 3})
+    second = _stage("evaluate", params, {"test/accuracy": 0.75})
+    assert first == second
+    (run,) = _runs("named")
     assert run.info.run_name == "lucky-lark" and run.info.status == "FINISHED"
-    assert run.data.params == {"train.learning_rate": "0.01", "seed": "42"}
+    assert run.data.params["train.learning_rate"] == str(params.train.learning_rate) and "data.url" in run.data.params
+    assert run.data.metrics == {"val/loss": 0.5, "test/accuracy": 0.75}
     tags = run.data.tags
-    assert tags["git_commit"] == commit and tags["dvc_experiment"] == "lucky-lark"
-    assert tags["backbone_id"] == "tiny-abc" and tags["dataset_hash"] == "d41d8c"
+    assert tags["mlflow.source.git.commit"] == commit and tags["dvc_experiment"] == "lucky-lark"
+    assert tags["retrain.ran.train"] == tags["retrain.ran.evaluate"] == "true" and tags["train.epochs"] == "3"
+    provenance = json.loads((workspace / "data/runs/evaluate.json").read_text())
+    assert provenance["run_id"] == run.info.run_id and provenance["metrics"]["test/accuracy"][0][1] == 0.75
+    experiment = mlflow.MlflowClient().get_experiment_by_name("named")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_a_failing_stage_marks_the_run_failed(workspace):
-    run_file = workspace / "run.json"
-    run_id = tracking.start_run("retrain", {}, {}, run_file)
-    with pytest.raises(ValueError), tracking.resumed_run(run_file):
+def test_a_later_execution_records_the_reused_stage_and_leaves_the_earlier_run_alone(workspace, monkeypatch):
+    params = _params(**{"tracking.experiment": "reuse"})
+    monkeypatch.setenv("RETRAIN_EXECUTION", "baseline")
+    baseline = _stage("train", params, {"train/loss": 0.9}, **{"backbone_id": "tiny"})
+    _stage("evaluate", params, {"test/accuracy": 0.5})
+    monkeypatch.setenv("RETRAIN_EXECUTION", "evaluate-only")
+    later = _stage("evaluate", params, {"test/accuracy": 0.6})
+    assert later != baseline
+    client = mlflow.MlflowClient()
+    old, new = client.get_run(baseline), client.get_run(later)
+    assert old.data.metrics == {"train/loss": 0.9, "test/accuracy": 0.5}
+    assert "retrain.reused.train" not in old.data.tags
+    assert new.data.tags["retrain.reused.train"] == baseline and new.data.tags["backbone_id"] == "tiny"
+    assert new.data.metrics == {"train/loss": 0.9, "test/accuracy": 0.6}  # the reused head's, copied
+    assert "retrain.ran.train" not in new.data.tags
+
+
+def test_a_failing_stage_marks_the_run_failed_and_records_no_provenance(workspace, monkeypatch):
+    monkeypatch.setenv("RETRAIN_EXECUTION", "failing")
+    params = _params(**{"tracking.experiment": "failing"})
+    with pytest.raises(ValueError), tracking.stage_run("export", params):
         raise ValueError("boom")
-    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+    (run,) = _runs("failing")
+    assert run.info.status == "FAILED"
+    provenance = tracking.read_provenance("export", workspace)
+    assert provenance is None or provenance["run_id"] != run.info.run_id
 
 
-def test_a_missing_run_is_one_clear_line(workspace):
+def test_a_dead_tracking_server_is_one_line_within_seconds(workspace, monkeypatch):
+    import time
+
+    from conftest import free_port
     from retrain.errors import RetrainError
 
-    run_file = workspace / "run.json"
-    run_file.write_text(json.dumps({"run_id": "0" * 32, "run_name": "gone", "experiment": "retrain"}))
-    with pytest.raises(RetrainError, match="not found"):
-        with tracking.resumed_run(run_file):
-            pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RETRAIN_EXECUTION", "dead-server")
+    started = time.monotonic()
+    with pytest.raises(RetrainError, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ failed .*rerun") as error:
+        _stage("train", _params())
+    assert time.monotonic() - started < 60
+    assert "\n" not in str(error.value)
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_failed_by_the_next_stage(workspace, monkeypatch):
+    import socket
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no longer runs
+    params = _params(**{"tracking.experiment": "stale"})
+    experiment_id = tracking.use_experiment("stale")
+    client = mlflow.MlflowClient()
+    stale = client.create_run(experiment_id, tags={"retrain.pid": str(dead.pid), "retrain.host": socket.gethostname()})
+    alive = client.create_run(experiment_id, tags={"retrain.pid": str(os.getppid()), "retrain.host": socket.gethostname()})
+    monkeypatch.setenv("RETRAIN_EXECUTION", "after-the-kill")
+    _stage("train", params)
+    assert client.get_run(stale.info.run_id).info.status == "FAILED"
+    assert "ended without closing the run" in client.get_run(stale.info.run_id).data.tags["retrain.failure"]
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process still lives
