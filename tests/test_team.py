@@ -192,6 +192,9 @@ def _wait_for_queue(root: Path, timeout: float = 600) -> str:
         time.sleep(3)
 
 
+# Four pipelines at once on this 2-core machine: 814 s with other work running (load ~25-50),
+# past the suite's 900 s per-test default in a second run.
+@pytest.mark.timeout(1800)
 def test_two_teammates_and_a_parallel_sweep_log_at_once(origin, team, tmp_path):
     alice, bob = _clone(origin, tmp_path, "alice"), _clone(origin, tmp_path, "bob")
     killed = _killed_stage_run(bob, team)
