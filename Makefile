@@ -36,7 +36,8 @@ test-fast: venv  ## the tests without the end-to-end pipeline runs
 bench: venv  ## measure speed and memory (benchmarks/), print a table, save JSON
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python benchmarks/run.py
 
-mlflow-ui: venv  ## open the MLflow UI on the default store (http://127.0.0.1:5000)
+mlflow-ui: venv  ## open the MLflow UI on the default store, in its model-training view
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
 
 team-server: venv  ## PostgreSQL + MLflow server for a team (TEAM_DIR, HOST, PORT, AUTH=1); prints the URI to export

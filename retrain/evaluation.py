@@ -164,11 +164,15 @@ def flatten_metrics(metrics, sep="/"):
 
 
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
-    """metrics.json → chart groups: test/accuracy, test/top_2_accuracy, …, test_per_class/<class>/f1."""
+    """metrics.json → chart groups: test/accuracy, test/top_2_accuracy, …, test_per_class/<class>_f1.
+
+    The UI groups charts by the name up to its last "/", so per-class numbers share one group.
+    """
     flat = {}
     for key, value in flatten_metrics(metrics, sep="/").items():
         if key.startswith("per_class/"):
-            flat[f"test_{key}"] = float(value)
+            _, label, name = key.split("/", 2)
+            flat[f"test_per_class/{label}_{name}"] = float(value)
         elif key != "num_test_images":
             flat[f"test/{key}"] = float(value)
     return flat

@@ -60,7 +60,11 @@ def load_category_names(path: Path | None, labels: list[str]) -> list[str]:
         raise RetrainError(f"{path}: cannot read category names ({error}); give a JSON object") from None
     if not isinstance(mapping, dict):
         raise RetrainError(f"{path}: expected a JSON object mapping labels (or 1-based indices) to names")
-    return [str(mapping.get(label, mapping.get(str(i + 1), label))) for i, label in enumerate(labels)]
+    names = {str(value) for value in mapping.values()}
+    # A label that already is a display name (classes named from Oxford's label_map.json) stays as
+    # it is: its alphabetical index is not its 1-based class id.
+    return [str(mapping[label]) if label in mapping else label if label in names else
+            str(mapping.get(str(i + 1), label)) for i, label in enumerate(labels)]
 
 
 def _read_checked(path: Path) -> bytes:

@@ -25,9 +25,16 @@ def harness_run(tmp_path_factory):
 
 
 def _measure():
-    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
-    import measure
-
+    """benchmarks/measure.py, which imports benchmarks/project.py: not the tests' project.py."""
+    tests_project = sys.modules.pop("project", None)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import measure
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+        sys.modules.pop("project", None)
+        if tests_project is not None:
+            sys.modules["project"] = tests_project
     return measure
 
 

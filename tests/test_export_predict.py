@@ -88,3 +88,15 @@ def test_predict_without_a_model_is_one_line(tmp_path, capsys):
         main(["predict", str(tmp_path), "--model", str(tmp_path / "none")])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_category_names_leave_labels_that_already_are_display_names(tmp_path):
+    from retrain.predict import load_category_names
+
+    names = tmp_path / "label_map.json"
+    names.write_text('{"1": "pink primrose", "2": "canterbury bells", "3": "sweet pea"}')
+    # Classes named from the names file sort alphabetically: index 1 is not class id 1.
+    assert load_category_names(names, ["canterbury bells", "pink primrose", "sweet pea"]) == \
+        ["canterbury bells", "pink primrose", "sweet pea"]
+    assert load_category_names(names, ["class_001", "class_002", "class_003"]) == \
+        ["pink primrose", "canterbury bells", "sweet pea"]

@@ -21,7 +21,7 @@ from project import BIN, CLASSES, make_project, publish, run, set_params
 
 pytestmark = pytest.mark.slow
 
-MODEL_URI = "models:/retrain-classifier/1"
+MODEL_URI = "models:/retrain-classifier@champion"  # what `retrain promote` registers
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def store(tmp_path_factory, tiny_backbone):
     root = make_project(tmp_path_factory.mktemp("serving"), str(folder / "archive/flowers.tgz"), sha, tiny_backbone)
     set_params(root, **{"export.tflite": False, "train.epochs": 20})
     run(root, "dvc", "repro")
+    run(root, "retrain", "promote", "workspace", "--alias", "champion")  # experiments log, promote registers
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -53,7 +54,8 @@ def server(store, tmp_path_factory):
         wait_until_serving(f"{url}/ping", process, log, timeout_s=300)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
         process.wait(timeout=60)
 
 

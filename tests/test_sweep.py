@@ -68,7 +68,8 @@ def swept(tmp_path_factory, tiny_backbone):
     sha = publish(folder / "flowers", archive)
     root = make_project(tmp_path_factory.mktemp("sweep"), str(archive / "flowers.tgz"), sha, tiny_backbone)
     set_params(root, **{"export.tflite": False, "train.epochs": 20})
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store, registry_uri=store)  # else the registry is the process default
     run(root, "dvc", "repro")
     run(root, "git", "add", "-A")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
