@@ -32,6 +32,7 @@ def _measure():
         import measure
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+        sys.path.append(str(REPO / "benchmarks"))  # for measure's own later imports (bench_head), after tests/
         sys.modules.pop("project", None)
         if tests_project is not None:
             sys.modules["project"] = tests_project
