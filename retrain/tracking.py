@@ -234,20 +234,20 @@ class StageRun:
         self.tags.update(clean)
 
 
-def _find_or_create_run(client, experiment_id: str, key: str, params: dict) -> tuple[object, bool]:
+def _find_or_create_run(client, experiment_id: str, key: str, params: dict):
     from mlflow.entities import Param, RunTag
 
     query = f"tags.`retrain.execution` = '{key}'"
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
-        return found[0], False
+        return found[0]
     tags = {**source_tags(), "retrain.execution": key, "retrain.host": socket.gethostname()}
     run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     client.log_batch(run.info.run_id, tags=[RunTag("retrain.params_hash", _params_hash(params))])
-    return run, True
+    return run
 
 
 def _params_hash(params: dict) -> str:
@@ -285,7 +285,7 @@ def _record_reused(stage_run: StageRun, current: str, tags: dict[str, str]) -> N
             stage_run.client.log_batch(stage_run.run_id, metrics=metrics[i : i + 500], tags=copied[i : i + 500])
 
 
-def log_dataset_inputs(stage_run: StageRun, split_csv: Path, source: str) -> None:
+def log_dataset_inputs(split_csv: Path, source: str) -> None:
     """Each split as an MLflow dataset input (name, digest, source, class counts), once per run."""
     import mlflow
     import pandas as pd
@@ -320,12 +320,12 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         experiment_id = use_experiment(params.tracking.experiment)
         fail_stale_runs(experiment_id)
         client = mlflow.MlflowClient()
-        run, created = _find_or_create_run(client, experiment_id, execution_key(), flatten(params))
+        run = _find_or_create_run(client, experiment_id, execution_key(), flatten(params))
     except (MlflowException, OSError) as error:
         raise _unreachable(error) from None
     run_id = run.info.run_id
     handle = StageRun(stage, run_id, run.info.run_name, experiment_id, client)
-    active = mlflow.start_run(run_id=run_id)
+    mlflow.start_run(run_id=run_id)  # the active run, for mlflow.log_artifacts and log_model
     try:
         client.set_tag(run_id, "retrain.pid", str(os.getpid()))  # the live owner, spared by stale-run cleanup
         tags = run.data.tags
@@ -336,7 +336,7 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         if log_datasets is None:
             log_datasets = STAGES.index(stage) > STAGES.index("split") and not run.inputs.dataset_inputs
         if log_datasets and paths.SPLIT_CSV.exists():
-            log_dataset_inputs(handle, paths.SPLIT_CSV, params.data.url)
+            log_dataset_inputs(paths.SPLIT_CSV, params.data.url)
         yield handle
         handle.set_tags({f"{stage}.process_seconds": round(time.time() - _started(), 2)})  # where sweep time goes
         _write_provenance(handle, params.tracking.experiment)
@@ -350,7 +350,6 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         _end_quietly(RunStatus.FAILED)
         raise
     mlflow.end_run()
-    del active
 
 
 def _started() -> float:
