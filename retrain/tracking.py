@@ -213,7 +213,6 @@ class StageRun:
     client: object
     metrics: dict[str, list] = field(default_factory=dict)  # key → [[step, value, timestamp ms], …]
     tags: dict[str, str] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # e.g. the logged model's URI
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -379,7 +378,7 @@ def _write_provenance(handle: StageRun, experiment: str) -> None:
 
     paths.RUNS_DIR.mkdir(parents=True, exist_ok=True)
     record = {"stage": handle.stage, "run_id": handle.run_id, "run_name": handle.run_name,
-              "experiment": experiment, "tracking_uri": tracking_uri(), **handle.extra,
+              "experiment": experiment, "tracking_uri": tracking_uri(),
               "tags": handle.tags, "metrics": handle.metrics}
     with atomic_file(paths.RUNS_DIR / f"{handle.stage}.json") as temp:
         temp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -48,8 +48,7 @@ def export():
         run.log_metrics({k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")})
         run.set_tags({k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")})
         model_uri = _log_model(test_paths[0])
-        run.set_tags({"retrain.model_uri": model_uri})
-        run.extra["model_uri"] = model_uri
+        run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
     print(f"exported to {paths.MODEL_DIR}/ (reproduces evaluate within {worst:.1e}); MLflow model {model_uri}; "
           f"register it with `retrain promote {run.run_name} --alias champion`")
 
