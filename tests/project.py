@@ -92,3 +92,14 @@ def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
     return root
 
 
+def generated_project(tmp_path_factory, name: str, backbone: Path, per_class: int = 12) -> Path:
+    """A project on generated class images published as a checksummed .tgz: no TFLite, 20 epochs."""
+    from imagegen import make_class_folders
+
+    folder = tmp_path_factory.mktemp("images")
+    make_class_folders(folder / "flowers", CLASSES, per_class=per_class, size=(64, 64))
+    (folder / "archive").mkdir()
+    sha = publish(folder / "flowers", folder / "archive")
+    root = make_project(tmp_path_factory.mktemp(name), str(folder / "archive/flowers.tgz"), sha, backbone)
+    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    return root

@@ -16,8 +16,8 @@ import mlflow
 import pytest
 
 from conftest import free_port, wait_until_serving
-from imagegen import image_bytes, make_class_folders
-from project import BIN, CLASSES, make_project, publish, run, set_params
+from imagegen import image_bytes
+from project import BIN, CLASSES, generated_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,7 @@ MODEL_URI = "models:/retrain-classifier@champion"  # what `retrain promote` regi
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_backbone):
     """A project after one `dvc repro`; yields its default store's tracking URI."""
-    folder = tmp_path_factory.mktemp("images")
-    make_class_folders(folder / "flowers", CLASSES, per_class=12, size=(64, 64))
-    (folder / "archive").mkdir()
-    sha = publish(folder / "flowers", folder / "archive")
-    root = make_project(tmp_path_factory.mktemp("serving"), str(folder / "archive/flowers.tgz"), sha, tiny_backbone)
-    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    root = generated_project(tmp_path_factory, "serving", tiny_backbone)
     run(root, "dvc", "repro")
     run(root, "retrain", "promote", "workspace", "--alias", "champion")  # experiments log, promote registers
     return f"sqlite:///{root / 'mlflow.db'}"

@@ -15,8 +15,7 @@ from urllib.parse import urlparse
 import mlflow
 import pytest
 
-from imagegen import make_class_folders
-from project import CLASSES, make_project, publish, ran_stages, run, set_params
+from project import generated_project, ran_stages, run
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +60,7 @@ def _snapshot(client, run_id) -> dict:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_backbone):
-    folder = tmp_path_factory.mktemp("images")
-    make_class_folders(folder / "flowers", CLASSES, per_class=12, size=(64, 64))
-    archive = folder / "archive"
-    archive.mkdir()
-    sha = publish(folder / "flowers", archive)
-    root = make_project(tmp_path_factory.mktemp("sweep"), str(archive / "flowers.tgz"), sha, tiny_backbone)
-    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    root = generated_project(tmp_path_factory, "sweep", tiny_backbone)
     store = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(store, registry_uri=store)  # else the registry is the process default
     run(root, "dvc", "repro")

@@ -24,8 +24,8 @@ import mlflow
 import pytest
 
 from conftest import free_port, wait_until_serving
-from imagegen import image_bytes, make_class_folders
-from project import BIN, CLASSES, REPO, make_project, publish, ran_stages, run, set_params
+from imagegen import image_bytes
+from project import BIN, CLASSES, REPO, generated_project, ran_stages, run
 from team_servers import MLFLOW, mlflow_team_server, postgres
 
 pytestmark = pytest.mark.slow
@@ -60,12 +60,7 @@ def shared_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory, shared_cache, tiny_backbone, team):
     """A project that ran `dvc repro` against the team server and pushed its outputs to a remote."""
-    folder = tmp_path_factory.mktemp("images")
-    make_class_folders(folder / "flowers", CLASSES, per_class=10, size=(64, 64))
-    (folder / "archive").mkdir()
-    sha = publish(folder / "flowers", folder / "archive")
-    root = make_project(tmp_path_factory.mktemp("origin"), str(folder / "archive/flowers.tgz"), sha, tiny_backbone)
-    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    root = generated_project(tmp_path_factory, "origin", tiny_backbone, per_class=10)
     first = run(root, "dvc", "repro", tracking_uri=team["uri"])
     remote = tmp_path_factory.mktemp("dvc-remote")
     run(root, "dvc", "remote", "add", "-d", "team", str(remote))
