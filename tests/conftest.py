@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline, make their own images and never touch ~/.cache."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,20 @@ import pytest
 # (CI passes one in, so a session converts EfficientNet-Lite0 once).
 os.environ.setdefault("RETRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="retrain-test-cache-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_per_test():
+    """A stage run in this process points MLflow at its project's store for good: set_tracking_uri
+    sets a global and exports MLFLOW_TRACKING_URI. A later test that names its own store through the
+    environment would silently read the earlier test's, so each test starts from what it inherited."""
+    inherited = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)  # clears the global and the exported variable
+    if inherited is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = inherited
 
 
 def save_tiny_backbone(path: Path, size: int = 32) -> Path:

@@ -30,16 +30,14 @@ def workspace(project, monkeypatch):
     """The project folder as the current directory, on the default (SQLite) store."""
     _default_store_at(project, monkeypatch)
     shutil.rmtree(project / "data", ignore_errors=True)  # each test's own provenance files
-    yield project
-    mlflow.set_tracking_uri(None)
+    return project
 
 
 @pytest.fixture
 def fresh_workspace(tmp_path, monkeypatch):
     """An empty folder as the current directory: its mlflow.db does not exist yet."""
     _default_store_at(tmp_path, monkeypatch)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
+    return tmp_path
 
 
 def _use_experiment_at_once(barrier, results):
@@ -76,7 +74,6 @@ def test_temporary_experiment_copies_log_to_the_parent_repos_store(project, tmp_
     experiment = mlflow.MlflowClient().get_experiment_by_name("sweep")
     assert experiment.artifact_location == (project.resolve() / "mlartifacts").as_uri()
     assert (project / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
-    mlflow.set_tracking_uri(None)
 
 
 def _params(**changes):
