@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run offline, make their own images and never touch ~/.cache."""
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -82,29 +83,45 @@ def wait_until_serving(url: str, process, log: Path, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a SQLite backend; yields its tracking URI."""
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path, port: int | None = None):
+    """A real `mlflow server` on loopback with a SQLite backend in `folder`; yields its tracking URI
+    and stops it afterwards, even on failure. The same folder and port serve the same runs again."""
     import subprocess
     import sys
 
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+    port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     process = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: `mlflow server` runs uvicorn as a child
     )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{uri}/health", process, folder / "server.log", timeout_s=120)
-    except RuntimeError:
-        process.kill()
-        raise
-    yield uri
-    process.terminate()
+        yield uri
+    finally:
+        kill_process_group(process)
+
+
+def kill_process_group(process) -> None:
+    """SIGKILL a process started with start_new_session=True and everything it started."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a SQLite backend; yields its tracking URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 COLOURS = {"blue": (30, 40, 230), "green": (20, 200, 40), "red": (230, 20, 20)}

@@ -152,6 +152,41 @@ def test_conversion_that_loses_a_race_keeps_the_winner(tmp_path, monkeypatch):
     assert open(os.path.join(target, "saved_model.pb"), "rb").read() == b"winner"
 
 
+_CONVERT_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import numpy as np
+ready, everyone, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+ready.touch()
+while len(list(everyone.glob("ready-*"))) < 2:  # both processes start converting together
+    time.sleep(0.05)
+from retrain.backbones import load_backbone
+backbone = load_backbone("efficientnet_lite0", runtime="xnnpack")
+images = np.random.default_rng(0).random((3, 256, 256, 3), dtype=np.float32)
+np.save(out, backbone.extract(images))
+print(backbone.runtime, backbone.id)
+"""
+
+
+def test_two_processes_converting_lite0_on_a_fresh_cache_both_succeed_with_one_whole_copy(tmp_path):
+    import subprocess
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache)}
+    processes = [subprocess.Popen([sys.executable, "-c", _CONVERT_AT_ONCE, str(tmp_path / f"ready-{i}"), str(tmp_path),
+                                   str(tmp_path / f"features-{i}.npy")], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    ids = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(ids) == 1 and next(iter(ids)).startswith("xnnpack "), ids  # both on XNNPACK, one cache key
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".tmp-")]  # no loser's half copy
+    assert len(list(cache.rglob("saved_model.pb"))) == 1 and len(list(cache.rglob("*.tflite"))) == 1  # whole, once
+    first, second = (np.load(tmp_path / f"features-{i}.npy") for i in range(2))
+    np.testing.assert_array_equal(first, second)
+
+
 # ---- EfficientNet-Lite1 and Lite2: the same converter, other multipliers ---------------------
 
 VARIANT_SIZES = {"efficientnet_lite1": (240, 240), "efficientnet_lite2": (260, 260)}  # native

@@ -151,8 +151,7 @@ def test_every_awkward_file_is_used_or_rejected_with_a_reason_and_serving_sees_t
 
 
 def _stage(root: Path, name: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})  # default store
     return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600, **popen)
 
@@ -212,15 +211,15 @@ def _save_slow_backbone(path: Path, size: int = 32) -> Path:
     return path
 
 
-def _kill_when(process: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
-    """SIGKILL `process` as soon as `ready()` holds (polled); fail if it ended first."""
+def _kill_when(process: subprocess.Popen, ready, what: str, timeout_s: float = 600, sig=signal.SIGKILL) -> None:
+    """Send `sig` to `process` as soon as `ready()` holds (polled) and wait; fail if it ended first."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if process.poll() is not None:
             raise AssertionError(f"the stage ended before {what}: {process.stderr.read()[-2000:]}")
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(sig)
     process.wait(timeout=60)
 
 
@@ -254,6 +253,15 @@ def test_a_killed_bottlenecks_stage_reruns_only_the_missing_features_and_skips_d
     root, done = killed["root"], killed["entries"]()
     assert killed["killed_rc"] == -signal.SIGKILL and 5 <= len(done) < 120
     assert not (root / "data/features/train.npz").exists()
+    # Ctrl-C keeps what SIGKILL keeps, and says so in one line instead of a traceback.
+    process = _popen_stage(root, "bottlenecks", killed["cache"])
+    _kill_when(process, lambda: len(killed["entries"]()) >= len(done) + 3, "3 more cached features", sig=signal.SIGINT)
+    err = process.stderr.read()
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted: finished work is kept; rerun to go on", err
+    assert not list(killed["cache"].rglob(".tmp-*")) and not (root / "data/features/train.npz").exists()
+    done = killed["entries"]()
+    assert len(done) < 120
     # A damaged entry (a disk that lost the file's tail) must be detected, not read.
     damaged = done[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
@@ -312,6 +320,59 @@ def test_a_killed_train_keeps_the_previous_head_and_logs_nothing_half_done(kille
     assert again.returncode == 0, again.stderr[-3000:]
     (new,) = [r for r in client.search_runs([experiment]) if r.info.run_id not in runs_before]
     assert new.info.status == "FINISHED" and len(client.get_metric_history(new.info.run_id, "train/loss")) == 2
+
+
+@pytest.mark.slow
+def test_a_tracking_server_killed_mid_train_is_one_line_and_the_rerun_logs_the_run(killed, tmp_path):
+    import mlflow
+
+    from conftest import free_port, kill_process_group, running_mlflow_server
+
+    root, cache = killed["root"], killed["cache"]
+    if not (root / "data/features/train.npz").exists():
+        assert _stage(root, "bottlenecks", {"RETRAIN_CACHE_DIR": str(cache)}).returncode == 0
+    set_params(root, **{"train.epochs": 300, "train.early_stopping_patience": 100_000, "train.batch_size": 1})
+    (root / "data/train/head.keras").unlink(missing_ok=True)
+    port, store = free_port(), tmp_path / "server"
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache), "MLFLOW_TRACKING_URI": uri}
+    log = root / "train.log"
+    with running_mlflow_server(store, port), open(log, "w") as out:
+        mlflow.MlflowClient(uri).create_experiment("retrain")  # the server knew the project before it died
+        process = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py")], cwd=root, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "epoch 2/" not in log.read_text():
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        except BaseException:
+            kill_process_group(process)
+            raise
+    killed_at = time.monotonic()  # the server is gone (its whole process group); the fit goes on
+    process.wait(timeout=300)
+    text = log.read_text()
+    assert "epoch 300/300" in text, text[-3000:]  # the fit finished before the stage met the dead server
+    assert time.monotonic() - killed_at < 120
+    assert process.returncode == 1 and "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: MLflow tracking store {uri} failed") and "rerun" in line, line
+    from retrain.head import dense_layers, load_head
+
+    head = dense_layers(load_head(root / "data/train/head.keras"))  # nothing computed is lost
+
+    with running_mlflow_server(store, port):  # the server back: the rerun logs the run
+        again = _stage(root, "train", {"RETRAIN_CACHE_DIR": str(cache), "MLFLOW_TRACKING_URI": uri})
+        assert again.returncode == 0, again.stderr[-3000:]
+        client = mlflow.MlflowClient(uri)
+        (logged,) = client.search_runs([client.get_experiment_by_name("retrain").experiment_id])
+        assert logged.info.status == "FINISHED"
+        assert len(client.get_metric_history(logged.info.run_id, "train/loss")) == 300
+    for (kernel, bias, _), (again_kernel, again_bias, _) in zip(head, dense_layers(load_head(root / "data/train/head.keras"))):
+        np.testing.assert_array_equal(kernel, again_kernel)  # the same seeded head again
+        np.testing.assert_array_equal(bias, again_bias)
+    set_params(root, **{"train.epochs": 2, "train.batch_size": 8})
 
 
 # --- 4. same data, same params: same bytes -----------------------------------------------------

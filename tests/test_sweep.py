@@ -2,9 +2,11 @@
 
 One throwaway project: a baseline `dvc repro`, then `dvc exp run -S 'evaluate.top_k=[1,3]'` in
 the workspace (evaluate and export rerun, train is reused), then a queued sweep of two learning
-rates through `dvc queue start`, then `retrain promote`. Queued experiments run in temporary
-copies of the repo; they must log to the workspace's store, under their own names, with their
-TensorBoard files in the workspace, and leave the registry alone until a promote.
+rates by two backbone sizes through `dvc queue start -j 4`, then `retrain promote`. Queued
+experiments run in temporary copies of the repo, all four at once; they must log to the
+workspace's store, under their own names, with their TensorBoard files in the workspace, and leave
+the registry alone until a promote. The two at a new size compute the same features at the same
+time into the one shared cache: every entry must come out whole and as a serial run computes it.
 """
 
 import json
@@ -13,13 +15,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pytest
 
-from project import generated_project, ran_stages, run
+from project import generated_project, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow
 
 RATES = ("0.01", "0.03")
+SIZES = (32, 40)  # the baseline's backbone size, and a new one that two workers compute at once
 
 
 def _wait_for_queue(root, timeout=600) -> str:
@@ -59,8 +63,17 @@ def _snapshot(client, run_id) -> dict:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_backbone):
-    root = generated_project(tmp_path_factory, "sweep", tiny_backbone)
+def any_size_backbone(tmp_path_factory):
+    """The tiny test backbone with a dynamic input size, so an experiment can change the size."""
+    from conftest import save_tiny_backbone
+
+    return save_tiny_backbone(tmp_path_factory.mktemp("any-size") / "tiny_any_size", size=None)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, any_size_backbone):
+    root = generated_project(tmp_path_factory, "sweep", any_size_backbone)
+    set_params(root, **{"backbone.image_size": SIZES[0]})
     store = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(store, registry_uri=store)  # else the registry is the process default
     run(root, "dvc", "repro")
@@ -72,9 +85,10 @@ def swept(tmp_path_factory, tiny_backbone):
     topk = run(root, "dvc", "exp", "run", "-n", "topk13", "-S", "evaluate.top_k=[1,3]")
     nothing = run(root, "dvc", "exp", "run", "-n", "again")  # the workspace already has these results
     runs_after_topk = _runs(client)
-    run(root, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(RATES)}")
+    run(root, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(RATES)}",
+        "-S", f"backbone.image_size={','.join(map(str, SIZES))}")  # the grid: 4 experiments
     try:
-        run(root, "dvc", "queue", "start", "-j", "1")
+        run(root, "dvc", "queue", "start", "-j", "4")
         status = _wait_for_queue(root)
     finally:
         run(root, "dvc", "queue", "stop", check=False)  # no worker outlives the test
@@ -112,9 +126,14 @@ def test_an_execution_that_runs_nothing_makes_no_run(swept):
     assert "again" not in swept["runs_after_topk"]
 
 
+def _queued(swept) -> dict[str, dict]:
+    return {name: e for name, e in swept["experiments"].items() if name not in ("topk13", "again")}
+
+
 def test_dvc_exp_show_lists_each_queued_experiment_with_its_params_and_accuracy(swept):
-    queued = {name: e for name, e in swept["experiments"].items() if name not in ("topk13", "again")}
-    assert sorted(str(e["params"]["train"]["learning_rate"]) for e in queued.values()) == sorted(RATES), swept["status"]
+    queued = _queued(swept)
+    grid = sorted((str(e["params"]["train"]["learning_rate"]), e["params"]["backbone"]["image_size"]) for e in queued.values())
+    assert grid == sorted((rate, size) for rate in RATES for size in SIZES), swept["status"]
     runs = _runs(swept["client"])
     for name, experiment in queued.items():
         assert runs[name].data.metrics["test/accuracy"] == experiment["metrics"]["accuracy"]
@@ -123,16 +142,18 @@ def test_dvc_exp_show_lists_each_queued_experiment_with_its_params_and_accuracy(
 def test_queued_runs_log_to_the_workspace_store_named_after_their_experiments(swept):
     root, client = swept["root"], swept["client"]
     runs = _runs(client)
-    assert len(runs) == 4, sorted(runs)  # baseline, topk13 and the two queued experiments
-    for name, experiment in swept["experiments"].items():
-        if name in ("topk13", "again"):
-            continue
+    assert len(runs) == 6, sorted(runs)  # baseline, topk13 and the four queued experiments
+    for name, experiment in _queued(swept).items():
         logged = runs[name]
         assert logged.info.status == "FINISHED"
         assert logged.data.params["train.learning_rate"] == str(experiment["params"]["train"]["learning_rate"])
         tags = logged.data.tags
         assert tags["dvc_experiment"] == name and tags["mlflow.source.git.commit"] == swept["baseline_commit"]
-        assert tags["retrain.reused.bottlenecks"] == swept["baseline"].info.run_id and tags["retrain.ran.train"] == "true"
+        if experiment["params"]["backbone"]["image_size"] == SIZES[0]:
+            assert tags["retrain.reused.bottlenecks"] == swept["baseline"].info.run_id
+        else:
+            assert tags["retrain.ran.bottlenecks"] == "true" and "retrain.reused.bottlenecks" not in tags
+        assert tags["retrain.ran.train"] == "true"
         assert sorted(d.dataset.name for d in logged.inputs.dataset_inputs) == ["test", "train", "validation"]
         assert logged.info.artifact_uri.startswith((root / "mlartifacts").as_uri())  # not the deleted temp copy
         assert {"reports", "labels.txt", "tensorboard"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
@@ -159,10 +180,26 @@ def test_experiments_leave_the_registry_alone_until_promote(swept, monkeypatch):
     assert refused.returncode == 1 and "no MLflow run named 'no-such-experiment'" in refused.stderr
 
 
-def test_queued_runs_reuse_the_workspace_features(swept):
-    for name in swept["experiments"]:
-        if name in ("topk13", "again"):
-            continue
+def test_queued_runs_reuse_the_workspace_features_at_the_same_size(swept):
+    for name, experiment in _queued(swept).items():
         log = run(swept["root"], "dvc", "queue", "logs", name)
-        assert "Stage 'bottlenecks' didn't change, skipping" in log.stdout, log.stdout[-3000:]
-        assert ran_stages(log)[0] == "train"
+        same_size = experiment["params"]["backbone"]["image_size"] == SIZES[0]
+        assert ran_stages(log)[0] == ("train" if same_size else "bottlenecks"), log.stdout[-3000:]
+
+
+def test_parallel_workers_computing_one_new_size_leave_whole_entries_a_serial_run_would(swept, tmp_path, monkeypatch):
+    from retrain.backbones import load_backbone
+    from retrain.cache import cache_root
+    from retrain.features import FeatureCache, compute_features, read_split
+
+    root = swept["root"]
+    monkeypatch.chdir(root)  # split.csv's paths are relative to the project
+    examples = read_split(root / "data/split.csv")
+    spec = json.loads((root / "data/finetune/backbone.json").read_text())["name"]
+    backbone = load_backbone(spec, image_size=(SIZES[1], SIZES[1]), runtime="xnnpack")  # as the stage loads it
+    serial = FeatureCache(tmp_path / "serial", backbone.id, backbone.feature_dim)
+    compute_features(examples, backbone, serial, batch_size=4)
+    shared = FeatureCache(cache_root() / "features", backbone.id, backbone.feature_dim)
+    for example in examples:
+        np.testing.assert_array_equal(shared.get(example.sha256), serial.get(example.sha256), err_msg=example.path)
+    assert not [p for p in (cache_root() / "features").rglob(".tmp-*")]  # no half-written entry left
