@@ -394,6 +394,10 @@ def table(result: dict) -> list[dict]:
         import bench_head
 
         rows += bench_head.rows(result["head"])
+    if "sweep" in result:  # benchmarks/bench_sweep.py: a queued head-only sweep
+        import bench_sweep
+
+        rows += bench_sweep.rows(result["sweep"])
     return rows
 
 

@@ -13,6 +13,8 @@ figures measured in this same run, so a machine shared with other work still com
      again just before and after it), train, a no-op `dvc repro`, 10 new images, the same set 4x
      (copies with distinct bytes) for memory growth.
   C. The exported model: SavedModel and TFLite throughput, cold `retrain predict one.jpg`.
+  D. The head: its fit beside Keras fit and the 20-trial search (bench_head.py); a queued sweep of
+     head-only experiments, wall per experiment (bench_sweep.py).
 
 Prints a table with a PASS/FAIL column and writes benchmarks/results/run-<time>.json (and latest.json).
 
@@ -34,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 
 import bench_head  # noqa: E402  (benchmarks/bench_head.py)
+import bench_sweep  # noqa: E402  (benchmarks/bench_sweep.py)
 import measure  # noqa: E402  (benchmarks/measure.py)
 import project  # noqa: E402  (benchmarks/project.py)
 
@@ -47,13 +50,16 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=None, help="use only this many images (default: all)")
     parser.add_argument("--compare-images", type=int, default=320, help="subset for the side-by-side part A")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds in part A (median of paired ratios)")
-    parser.add_argument("--quick", action="store_true", help="a small run: 200 images, 64 compared, 1 round")
+    parser.add_argument("--sweep-experiments", type=int, default=4,
+                        help="queued head-only experiments to time (bench_sweep.py); 0 skips them")
+    parser.add_argument("--quick", action="store_true", help="a small run: 200 images, 64 compared, 1 round, no sweep")
     parser.add_argument("--data", type=Path, default=REAL_DATA, help="flower_photos.tgz or a folder of class folders")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.compare_images, args.rounds = args.images or 200, min(args.compare_images, 64), 1
+        args.sweep_experiments = 0
     return args
 
 
@@ -85,6 +91,10 @@ def main(argv=None) -> int:
         # (3 trials in a small run: --quick or --images).
         result["head"] = bench_head.figures(root / "data" / "features", args.rounds,
                                             trials=3 if args.quick or args.images else 20)
+        if args.sweep_experiments:  # a queued sweep in a project of its own, on the same photos
+            (work / "sweep").mkdir()
+            result["sweep"] = bench_sweep.sweep(HERE.parent, images, args.sweep_experiments, work / "sweep")
+            result["sweep"].pop("status")
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["total_s"] = round(time.time() - started, 1)
         result["table"] = measure.table(result)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI's model-training v
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a stage log is a file, not a terminal
 
 
 def project_root() -> Path:
@@ -293,8 +295,10 @@ def log_dataset_inputs(split_csv: Path, source: str) -> None:
     for split in ("train", "validation", "test"):
         rows = frame[frame["split"] == split].sort_values("path")
         digest = hashlib.sha256("".join(f"{p}\t{l}\t{s}\n" for p, l, s in zip(rows["path"], rows["label"], rows["sha256"])).encode()).hexdigest()
-        dataset = mlflow.data.from_pandas(rows[["path", "label", "sha256"]].reset_index(drop=True), source=source,
-                                          name=split, digest=digest[:32])
+        with warnings.catch_warnings():  # MLflow registers its local-path source twice, then warns it is ambiguous
+            warnings.filterwarnings("ignore", message=".*multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource")
+            dataset = mlflow.data.from_pandas(rows[["path", "label", "sha256"]].reset_index(drop=True), source=source,
+                                              name=split, digest=digest[:32])
         counts = {f"class.{label}": str(n) for label, n in rows["label"].value_counts().sort_index().items()}
         mlflow.log_input(dataset, context={"train": "training", "validation": "validation", "test": "testing"}[split],
                          tags={"images": str(len(rows)), "sha256": digest, **counts})

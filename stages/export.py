@@ -57,12 +57,22 @@ def _log_model(example_image: str) -> str:
     import mlflow
     import pandas as pd
 
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
     example = pd.DataFrame({"image": [Path(example_image).read_bytes()]})
+    # Given, not inferred: inferring it from the example loads and runs the model once more.
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
+                        ColSpec(Array("string"), "top_k_labels"), ColSpec(Array("double"), "top_k_probabilities")]),
+    )
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(retrain.__file__).parent / "mlflow_model.py"),
         artifacts={"saved_model": str(paths.MODEL_DIR / "saved_model")},
         input_example=example,
+        signature=signature,
         pip_requirements=["tensorflow-cpu==2.21.0", f"mlflow=={mlflow.__version__}", "pandas"],
     )
     return info.model_uri
