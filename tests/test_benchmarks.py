@@ -18,7 +18,8 @@ def harness_run(tmp_path_factory):
     """One --quick-sized run of the harness on generated JPEGs: (process result, saved JSON)."""
     results = tmp_path_factory.mktemp("bench")
     command = [sys.executable, str(REPO / "benchmarks/run.py"), "--data", str(results / "absent.tgz"),
-               "--images", "40", "--compare-images", "8", "--rounds", "1", "--results", str(results)]
+               "--images", "40", "--compare-images", "8", "--rounds", "1", "--sweep-experiments", "1",
+               "--results", str(results)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result, json.loads((results / "latest.json").read_text())
@@ -84,3 +85,10 @@ def test_each_target_is_judged_from_the_measured_figures(harness_run):
     assert verdict("no-op `dvc repro`", noop(1.0, False)) is True
     assert verdict("no-op `dvc repro`", noop(6.0, False)) is False
     assert verdict("no-op `dvc repro`", noop(1.0, True)) is False
+
+    def per_experiment(seconds):
+        return lambda r: r["sweep"].update(per_experiment_s=seconds)
+
+    assert saved["sweep"]["experiments_logged"] == 1  # the queued experiment ran and logged its run
+    assert verdict("queued head-only experiment", per_experiment(44.9)) is True
+    assert verdict("queued head-only experiment", per_experiment(45.1)) is False

@@ -68,6 +68,22 @@ def test_finetuning_changes_only_the_unfrozen_blocks(tmp_path, examples):
     assert reloaded.id != backbone.id
 
 
+def test_finetuning_the_embedded_lite0_changes_only_its_top_blocks(examples):
+    """The real backbone users fine-tune: one short step, and only the unfrozen blocks move."""
+    backbone = load_backbone("efficientnet_lite0")
+    blocks = variable_blocks(backbone)
+    assert len(blocks) > 3 and blocks[-1][0] != blocks[0][0]
+    before = {v.name: v.numpy() for v in backbone.trainable_variables}
+    head = build_head(backbone.feature_dim, 3, load_params().train)
+    one_step = FinetuneParams(enabled=True, blocks=2, epochs=1, learning_rate=0.01, batch_size=4)
+    finetune(backbone, head, examples, AUGMENT, one_step, label_smoothing=0.1, seed=3)
+    for name, variables in blocks[:-2]:  # frozen: bit for bit the same
+        for v in variables:
+            np.testing.assert_array_equal(v.numpy(), before[v.name], err_msg=v.name)
+    for name, variables in blocks[-2:]:  # unfrozen: moved by the step
+        assert any(not np.array_equal(v.numpy(), before[v.name]) for v in variables), name
+
+
 def test_a_backbone_without_trainable_variables_is_refused(tmp_path):
     class Frozen(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
