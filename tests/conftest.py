@@ -28,8 +28,8 @@ def _mlflow_store_per_test():
         os.environ["MLFLOW_TRACKING_URI"] = inherited
 
 
-def save_tiny_backbone(path: Path, size: int = 32) -> Path:
-    """A real SavedModel in TF Hub's feature-vector convention: [N,size,size,3] in [0,1] → [N,12].
+def save_tiny_backbone(path: Path, size: int | None = 32) -> Path:
+    """A real SavedModel in TF Hub's feature-vector convention: [N,size,size,3] in [0,1] → [N,12] (size None: any).
 
     Its features (per-channel mean, spread and a fixed 3x3 conv's mean response) separate images of
     different colours and shapes, which is all a pipeline test needs, in milliseconds.
@@ -88,7 +88,6 @@ def running_mlflow_server(folder: Path, port: int | None = None):
     """A real `mlflow server` on loopback with a SQLite backend in `folder`; yields its tracking URI
     and stops it afterwards, even on failure. The same folder and port serve the same runs again."""
     import subprocess
-    import sys
 
     port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
