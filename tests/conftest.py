@@ -91,18 +91,19 @@ def running_mlflow_server(folder: Path, port: int | None = None):
 
     port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
-    process = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: `mlflow server` runs uvicorn as a child
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(f"{uri}/health", process, folder / "server.log", timeout_s=120)
-        yield uri
-    finally:
-        kill_process_group(process)
+    with open(folder / "server.log", "a") as log:
+        process = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: `mlflow server` runs uvicorn as a child
+        )
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_serving(f"{uri}/health", process, folder / "server.log", timeout_s=120)
+            yield uri
+        finally:
+            kill_process_group(process)
 
 
 def kill_process_group(process) -> None:

@@ -211,14 +211,19 @@ def _save_slow_backbone(path: Path, size: int = 32) -> Path:
     return path
 
 
-def _kill_when(process: subprocess.Popen, ready, what: str, timeout_s: float = 600, sig=signal.SIGKILL) -> None:
-    """Send `sig` to `process` as soon as `ready()` holds (polled) and wait; fail if it ended first."""
+def _wait_for(process: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
+    """Return as soon as `ready()` holds (polled); fail if `process` ended first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if process.poll() is not None:
-            raise AssertionError(f"the stage ended before {what}: {process.stderr.read()[-2000:]}")
+            raise AssertionError(f"the stage ended before {what}: {(process.stderr.read() if process.stderr else '')[-2000:]}")
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.2)
+
+
+def _kill_when(process: subprocess.Popen, ready, what: str, timeout_s: float = 600, sig=signal.SIGKILL) -> None:
+    """Send `sig` to `process` as soon as `ready()` holds (polled) and wait; fail if it ended first."""
+    _wait_for(process, ready, what, timeout_s)
     process.send_signal(sig)
     process.wait(timeout=60)
 
@@ -343,10 +348,7 @@ def test_a_tracking_server_killed_mid_train_is_one_line_and_the_rerun_logs_the_r
         process = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py")], cwd=root, env=env,
                                    stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while "epoch 2/" not in log.read_text():
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.2)
+            _wait_for(process, lambda: "epoch 2/" in log.read_text(), "a finished epoch", timeout_s=300)
         except BaseException:
             kill_process_group(process)
             raise
