@@ -63,16 +63,17 @@ def main():
     converted, cached, backbone = first_use()
     rows = []
     runs = [("xnnpack", False, backbone.extract)]
-    runs += [("tensorflow", jit, tf.function(lambda x: backbone.features(x), jit_compile=jit))
-             for jit in ((False, True) if args.xla else (False,))]
+    runs += [
+        ("tensorflow", jit, tf.function(lambda x: backbone.features(x), jit_compile=jit))
+        for jit in ((False, True) if args.xla else (False,))
+    ]
     for runtime, jit, fn in runs:
         for batch in BATCH_SIZES:
             rate = images_per_second(fn, batch, args.seconds, backbone.image_size)
             rows.append({"runtime": runtime, "batch": batch, "xla": jit, "images_per_s": round(rate, 1)})
 
     load = os.getloadavg()[0]
-    print(f"efficientnet_lite0 on {os.cpu_count()} CPU cores (load {load:.1f}), "
-          f"TensorFlow {tf.__version__}")
+    print(f"efficientnet_lite0 on {os.cpu_count()} CPU cores (load {load:.1f}), TensorFlow {tf.__version__}")
     print(f"first use (convert + load): {converted:.2f} s   cached load: {cached:.2f} s")
     print(f"{'runtime':>10}  {'batch':>5}  {'xla':>5}  {'images/s':>9}")
     for r in rows:
@@ -80,17 +81,21 @@ def main():
 
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
-        json.dump({
-            "backbone": "efficientnet_lite0",
-            "image_size": list(backbone.image_size),
-            "tensorflow": tf.__version__,
-            "cpu_count": os.cpu_count(),
-            "load_average_1min": round(load, 2),
-            "machine": platform.machine(),
-            "first_use_convert_s": round(converted, 3),
-            "cached_load_s": round(cached, 3),
-            "features_per_s": rows,
-        }, f, indent=2)
+        json.dump(
+            {
+                "backbone": "efficientnet_lite0",
+                "image_size": list(backbone.image_size),
+                "tensorflow": tf.__version__,
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": round(load, 2),
+                "machine": platform.machine(),
+                "first_use_convert_s": round(converted, 3),
+                "cached_load_s": round(cached, 3),
+                "features_per_s": rows,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {RESULTS}")
 
 

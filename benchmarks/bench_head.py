@@ -44,7 +44,12 @@ def features(features_dir: Path | None):
 
         train, validation = (load_split_arrays(features_dir, split)[:2] for split in ("train", "validation"))
         if len(validation[1]):  # a few generated images may leave none, and the search needs some
-            return train, validation, len(load_labels(features_dir)), f"{len(train[1])} x {train[0].shape[1]} features of {features_dir}"
+            return (
+                train,
+                validation,
+                len(load_labels(features_dir)),
+                f"{len(train[1])} x {train[0].shape[1]} features of {features_dir}",
+            )
     rng = np.random.default_rng(0)
     centres = rng.gamma(1.0, 0.3, size=(5, 1280)).astype(np.float32)  # non-negative, like pooled ReLU features
 
@@ -62,35 +67,49 @@ def keras_fit(train, validation, num_classes, params, seed):
 
     import keras
 
-    from retrain.head import _optimizer, build_head, class_weights, set_seed
+    from retrain.tf.head_training import _optimizer, build_head, class_weights, set_seed
 
     set_seed(seed)
     (x_train, y_train), (x_val, y_val) = train, validation
     model = build_head(x_train.shape[1], num_classes, params)
     steps = -(-len(y_train) // params.batch_size)
-    model.compile(optimizer=_optimizer(params, params.epochs * steps),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
-                  metrics=["accuracy"], steps_per_execution=steps)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience,
-                                         restore_best_weights=True)
+    model.compile(
+        optimizer=_optimizer(params, params.epochs * steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        metrics=["accuracy"],
+        steps_per_execution=steps,
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # fit's verbose=2 line per epoch, as it was
-        history = model.fit(x_train, keras.utils.to_categorical(y_train, num_classes),
-                            validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
-                            epochs=params.epochs, batch_size=params.batch_size,
-                            class_weight=class_weights(y_train, num_classes) if params.class_weights == "balanced" else None,
-                            callbacks=[stop], shuffle=True, verbose=2)
+        history = model.fit(
+            x_train,
+            keras.utils.to_categorical(y_train, num_classes),
+            validation_data=(x_val, keras.utils.to_categorical(y_val, num_classes)),
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            class_weight=class_weights(y_train, num_classes) if params.class_weights == "balanced" else None,
+            callbacks=[stop],
+            shuffle=True,
+            verbose=2,
+        )
     return model, history.history
 
 
 def timed(fit, *args):
     wall, cpu = time.perf_counter(), time.process_time()
     _, history = fit(*args)
-    return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
-            "epochs": len(history["loss"]), "best_val_loss": round(min(history["val_loss"]), 4)}
+    return {
+        "wall_s": round(time.perf_counter() - wall, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+        "epochs": len(history["loss"]),
+        "best_val_loss": round(min(history["val_loss"]), 4),
+    }
 
 
 def fit_figures(train, validation, classes, rounds: int, seed: int) -> dict:
-    from retrain.head import train_head
+    from retrain.tf.head_training import train_head
 
     params = load_params(HERE.parent / "params.yaml").train
     fixed = params.model_copy(update={"epochs": FIT_EPOCHS, "early_stopping_patience": FIT_EPOCHS})
@@ -109,15 +128,20 @@ def fit_figures(train, validation, classes, rounds: int, seed: int) -> dict:
 
 
 def search_figures(train, validation, classes, trials: int, seed: int) -> dict:
-    from retrain.search import search_head
+    from retrain.tf.search import search_head
 
     params = load_params(HERE.parent / "params.yaml").train
     params = params.model_copy(update={"search": params.search.model_copy(update={"trials": trials})})
     wall, cpu = time.perf_counter(), time.process_time()
     result = search_head(train, validation, classes, params, seed)
-    return {"trials": trials, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
-            "epochs": [t.epochs for t in result.trials], "best_value": round(result.best_value, 4),
-            "best_params": result.best_params}
+    return {
+        "trials": trials,
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),
+        "epochs": [t.epochs for t in result.trials],
+        "best_value": round(result.best_value, 4),
+        "best_params": result.best_params,
+    }
 
 
 def figures(features_dir: Path | None = None, rounds: int = 3, trials: int = 20, seed: int = 42) -> dict:
@@ -136,20 +160,31 @@ def rows(head: dict) -> list[dict]:
     new, old = fit["train_head_median_s"], fit["keras_fit_median_s"]
     rounds = " / ".join(f"{a['wall_s']:.2f}-{b['wall_s']:.2f}" for a, b in zip(fit["keras_fit"], fit["train_head"]))
     out = [
-        {"figure": f"head fit, default params, {FIT_EPOCHS} epochs, median (bench_head.py)",
-         "value": f"{new:.2f} s (CPU {fit['train_head_median_cpu_s']:.2f} s); Keras fit {old:.2f} s "
-                  f"(CPU {fit['keras_fit_median_cpu_s']:.2f} s), {old / new:.1f}x; rounds Keras-ours {rounds}; "
-                  f"{head['data']}",
-         "target": f"≤ {FIT_TARGET_S:g} s", "pass": new <= FIT_TARGET_S},
-        {"figure": "head fit, default params with early stopping",
-         "value": f"{default['wall_s']:.2f} s, {default['epochs']} epochs, best val loss {default['best_val_loss']}",
-         "target": "", "pass": None},
+        {
+            "figure": f"head fit, default params, {FIT_EPOCHS} epochs, median (bench_head.py)",
+            "value": f"{new:.2f} s (CPU {fit['train_head_median_cpu_s']:.2f} s); Keras fit {old:.2f} s "
+            f"(CPU {fit['keras_fit_median_cpu_s']:.2f} s), {old / new:.1f}x; rounds Keras-ours {rounds}; "
+            f"{head['data']}",
+            "target": f"≤ {FIT_TARGET_S:g} s",
+            "pass": new <= FIT_TARGET_S,
+        },
+        {
+            "figure": "head fit, default params with early stopping",
+            "value": f"{default['wall_s']:.2f} s, {default['epochs']} epochs, best val loss {default['best_val_loss']}",
+            "target": "",
+            "pass": None,
+        },
     ]
     if search:
-        out.append({"figure": f"head search, {search['trials']} trials (Optuna TPE, seeded)",
-                    "value": f"{search['wall_s']:.0f} s (CPU {search['cpu_s']:.0f} s), epochs per trial {search['epochs']}, "
-                             f"best val loss {search['best_value']}",
-                    "target": f"≤ {SEARCH_TARGET_S:g} s", "pass": search["wall_s"] <= SEARCH_TARGET_S})
+        out.append(
+            {
+                "figure": f"head search, {search['trials']} trials (Optuna TPE, seeded)",
+                "value": f"{search['wall_s']:.0f} s (CPU {search['cpu_s']:.0f} s), epochs per trial {search['epochs']}, "
+                f"best val loss {search['best_value']}",
+                "target": f"≤ {SEARCH_TARGET_S:g} s",
+                "pass": search["wall_s"] <= SEARCH_TARGET_S,
+            }
+        )
     return out
 
 

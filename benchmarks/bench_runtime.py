@@ -29,7 +29,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 
 import numpy as np  # noqa: E402
 
-from project import image_folder, image_paths  # noqa: E402  (benchmarks/project.py)
+from bench_pipeline import image_folder, image_paths  # noqa: E402
 from run import REAL_DATA, REAL_SHA256  # noqa: E402  (benchmarks/run.py)
 
 SPLITS = [(threads, decodes, prefetch) for threads, decodes, prefetch in itertools.product((1, 2), (1, 2), (2, 4))]
@@ -42,7 +42,7 @@ def model_alone(backbone, n: int) -> dict:
     from retrain.backbones import xnnpack
 
     x = np.random.default_rng(0).random((n, *backbone.image_size, 3), np.float32)
-    batches = [tf.constant(x[i:i + 32]) for i in range(0, n, 32)]
+    batches = [tf.constant(x[i : i + 32]) for i in range(0, n, 32)]
     methods = {"tensorflow SavedModel, batch 32": lambda: [backbone.features(b).numpy() for b in batches]}
     for name, make in (("tf.lite.Interpreter", tf.lite.Interpreter), ("ai-edge-litert", xnnpack.interpreter_class())):
         for threads in (1, 2):
@@ -52,9 +52,10 @@ def model_alone(backbone, n: int) -> dict:
 
             def run(interpreter=interpreter, given=given, taken=taken):
                 for i in range(n):
-                    interpreter.set_tensor(given, x[i:i + 1])
+                    interpreter.set_tensor(given, x[i : i + 1])
                     interpreter.invoke()
                     interpreter.get_tensor(taken)
+
             methods[f"{name}, XNNPACK, {threads} threads"] = run
     for fn in methods.values():
         fn()  # warm-up: tracing, XNNPACK weight packing
@@ -69,10 +70,11 @@ def compute_paths(backbone, examples, work: Path) -> dict:
 
     def make(threads, decodes, prefetch):
         def run():
-            features.DECODE_CALLS, features.PREFETCH_BATCHES = decodes, prefetch
+            features.DECODE_THREADS, features.PREFETCH_BATCHES = decodes, prefetch
             backbone._extractor = xnnpack.Extractor(backbone._tflite, threads=threads)
             cache = FeatureCache(work / f"cache-{time.perf_counter_ns()}", backbone.id, backbone.feature_dim)
             compute_features(examples, backbone, cache, 32)
+
         return run
 
     return {f"compute path: {t} XNNPACK threads, {d} decodes, prefetch {p}": make(t, d, p) for t, d, p in SPLITS}
@@ -90,10 +92,10 @@ def rounds_of(methods: dict, n: int, rounds: int) -> dict:
 
 
 def max_difference(tf_backbone, xnnpack_backbone, files) -> float:
-    from retrain.features import image_dataset
+    from retrain.features import image_batches
 
     worst = 0.0
-    for images, in image_dataset([str(p) for p in files], tf_backbone.image_size, 32):
+    for (images,) in image_batches([str(p) for p in files], tf_backbone.image_size, 32):
         ours, theirs = xnnpack_backbone.extract(images), tf_backbone.features(images).numpy()
         worst = max(worst, float(np.max(np.abs(ours - theirs))))
     return worst
@@ -116,23 +118,29 @@ def main():
     print(f"images: {source}", flush=True)
     files = image_paths(folder)
     on_tf, on_xnnpack = load_backbone("efficientnet_lite0"), load_backbone("efficientnet_lite0", runtime="xnnpack")
-    examples = [Example(str(p), p.parent.name, "train", file_sha256(p)) for p in files[:args.images]]
-    result = {"images": len(examples), "rounds": args.rounds, "cores": os.cpu_count(),
-              "load_average_at_start": os.getloadavg()[0]}
+    examples = [Example(str(p), p.parent.name, "train", file_sha256(p)) for p in files[: args.images]]
+    result = {
+        "images": len(examples),
+        "rounds": args.rounds,
+        "cores": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+    }
     result["model_alone"] = rounds_of(model_alone(on_xnnpack, args.images), args.images, args.rounds)
     try:
         result["compute_path"] = rounds_of(compute_paths(on_xnnpack, examples, args.work), len(examples), args.rounds)
-        result["max_abs_feature_difference"] = max_difference(on_tf, on_xnnpack, files[:args.check])
+        result["max_abs_feature_difference"] = max_difference(on_tf, on_xnnpack, files[: args.check])
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    result["checked_photos"] = len(files[:args.check])
+    result["checked_photos"] = len(files[: args.check])
     result["load_average_at_end"] = os.getloadavg()[0]
     print()
     print("| method | median img/s | rounds |\n|---|---|---|")
     for part in ("model_alone", "compute_path"):
         for name, v in result[part].items():
             print(f"| {name} | {v['median']} | {' / '.join(map(str, v['rounds']))} |")
-    print(f"\nmax |XNNPACK - TensorFlow| over {result['checked_photos']} photos: {result['max_abs_feature_difference']:.2e}")
+    print(
+        f"\nmax |XNNPACK - TensorFlow| over {result['checked_photos']} photos: {result['max_abs_feature_difference']:.2e}"
+    )
     out = HERE / "results" / "runtime.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -65,13 +65,24 @@ def main(argv=None) -> int:
             times["sqlite"].append(timed_repro(root, None))
             times["team"].append(timed_repro(root, uri))
     median = {store: statistics.median(values) for store, values in times.items()}
-    result = {"command": " ".join(["benchmarks/bench_team.py", *sys.argv[1:]]), "images": 3 * args.per_class,
-              "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "seconds": times,
-              "median_seconds": median, "team_over_sqlite": median["team"] / median["sqlite"]}
+    result = {
+        "command": " ".join(["benchmarks/bench_team.py", *sys.argv[1:]]),
+        "images": 3 * args.per_class,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "seconds": times,
+        "median_seconds": median,
+        "team_over_sqlite": median["team"] / median["sqlite"],
+    }
     print(f"{'store':<42} {'median s':>9}  rounds")
-    print(f"{'SQLite in the clone (default)':<42} {median['sqlite']:>9.1f}  {', '.join(f'{t:.1f}' for t in times['sqlite'])}")
-    print(f"{'PostgreSQL + proxied artifacts (team)':<42} {median['team']:>9.1f}  {', '.join(f'{t:.1f}' for t in times['team'])}")
-    print(f"team / SQLite: {result['team_over_sqlite']:.2f}x  (dvc repro --force --downstream train, {3 * args.per_class} images)")
+    print(
+        f"{'SQLite in the clone (default)':<42} {median['sqlite']:>9.1f}  {', '.join(f'{t:.1f}' for t in times['sqlite'])}"
+    )
+    print(
+        f"{'PostgreSQL + proxied artifacts (team)':<42} {median['team']:>9.1f}  {', '.join(f'{t:.1f}' for t in times['team'])}"
+    )
+    print(
+        f"team / SQLite: {result['team_over_sqlite']:.2f}x  (dvc repro --force --downstream train, {3 * args.per_class} images)"
+    )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     return 0

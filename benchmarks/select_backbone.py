@@ -33,18 +33,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from retrain.backbones import load_backbone  # noqa: E402
-from retrain.backbones.efficientnet_lite import VARIANTS, build, multiply_adds  # noqa: E402
+from retrain.backbones.efficientnet_lite import VARIANTS  # noqa: E402
 from retrain.cache import cache_root  # noqa: E402
 from retrain.features import FeatureCache, class_names, compute_features, read_split  # noqa: E402
-from retrain.head import train_head  # noqa: E402
 from retrain.params import load_params  # noqa: E402
 from retrain.split import split_dataset  # noqa: E402
+from retrain.tf.efficientnet_lite import build, multiply_adds  # noqa: E402
+from retrain.tf.head_training import train_head  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "select_backbone.json"
 # Each variant at its native size and 32 px larger (Lite0 at 256 is the current default).
-CANDIDATES = [f"{name}:{size}" for name, variant in VARIANTS.items()
-              for size in (variant.native_size, variant.native_size + 32)]
+CANDIDATES = [
+    f"{name}:{size}" for name, variant in VARIANTS.items() for size in (variant.native_size, variant.native_size + 32)
+]
 KNOBS = [{}, {"label_smoothing": 0.0}, {"hidden_units": 0}, {"dropout": 0.2}, {"dropout": 0.7}]
 
 
@@ -60,10 +62,15 @@ def prepare(archive: Path, work: Path) -> list:
     params = load_params(HERE.parent / "params.yaml").data
     split_csv = work / "split.csv"
     if not split_csv.exists():
-        split_dataset(root, split_csv, work / "rejected.csv", base_dir=work,
-                      validation_percentage=params.validation_percentage,
-                      testing_percentage=params.testing_percentage,
-                      min_images_per_class=params.min_images_per_class)
+        split_dataset(
+            root,
+            split_csv,
+            work / "rejected.csv",
+            base_dir=work,
+            validation_percentage=params.validation_percentage,
+            testing_percentage=params.testing_percentage,
+            min_images_per_class=params.min_images_per_class,
+        )
     return [e.__class__(str(work / e.path), e.label, e.split, e.sha256) for e in read_split(split_csv)]
 
 
@@ -104,8 +111,9 @@ def cross_validate(x, y, num_classes, params, folds: int, seed: int, repeats: in
         for k in range(folds):
             rest = np.flatnonzero(fold != k)
             inner = stratified_folds(y[rest], 10, seed + 1000 * r + 1 + k) == 0
-            scores.append(fit_and_score(x, y, rest[~inner], rest[inner], np.flatnonzero(fold == k),
-                                        num_classes, params, seed))
+            scores.append(
+                fit_and_score(x, y, rest[~inner], rest[inner], np.flatnonzero(fold == k), num_classes, params, seed)
+            )
     return scores
 
 
@@ -118,12 +126,26 @@ def evaluate(name, size, examples, args, speeds, params):
     pool = np.flatnonzero(split != "test")
     started = time.perf_counter()
     cv = cross_validate(x[pool], y[pool], len(classes), params, args.folds, args.seed, args.repeats)
-    test = fit_and_score(x, y, np.flatnonzero(split == "train"), np.flatnonzero(split == "validation"),
-                         np.flatnonzero(split == "test"), len(classes), params, args.seed)
-    return {"candidate": f"{name}:{size}", "cv_folds": cv, "cv_mean": float(np.mean(cv)),
-            "cv_sd": float(np.std(cv, ddof=1)), "test": test, "img_per_s": speeds.get(f"{name}:{size}"),
-            "head_seconds": round(time.perf_counter() - started, 1),
-            "gmacs": round(multiply_adds(build(variant=name, image_size=(size, size)), (size, size)) / 1e9, 3)}
+    test = fit_and_score(
+        x,
+        y,
+        np.flatnonzero(split == "train"),
+        np.flatnonzero(split == "validation"),
+        np.flatnonzero(split == "test"),
+        len(classes),
+        params,
+        args.seed,
+    )
+    return {
+        "candidate": f"{name}:{size}",
+        "cv_folds": cv,
+        "cv_mean": float(np.mean(cv)),
+        "cv_sd": float(np.std(cv, ddof=1)),
+        "test": test,
+        "img_per_s": speeds.get(f"{name}:{size}"),
+        "head_seconds": round(time.perf_counter() - started, 1),
+        "gmacs": round(multiply_adds(build(variant=name, image_size=(size, size)), (size, size)) / 1e9, 3),
+    }
 
 
 def print_table(rows, speeds=None):
@@ -137,17 +159,21 @@ def print_table(rows, speeds=None):
         spread = np.std(delta, ddof=1) if len(delta) > 1 else 0.0
         speed = speeds.get(r["candidate"], {}).get("median") or r["img_per_s"]
         label = r["candidate"] + (f" {r['knobs']}" if r.get("knobs") else "")
-        print(f"| {label} | {100 * r['cv_mean']:.2f} ± {100 * r['cv_sd']:.2f} | "
-              f"{100 * delta.mean():+.2f} ± {100 * spread:.2f} | {100 * r['test']:.2f} | "
-              f"{f'{speed:.1f}' if speed else '?'} | {r.get('gmacs', '?')} |", flush=True)
+        print(
+            f"| {label} | {100 * r['cv_mean']:.2f} ± {100 * r['cv_sd']:.2f} | "
+            f"{100 * delta.mean():+.2f} ± {100 * spread:.2f} | {100 * r['test']:.2f} | "
+            f"{f'{speed:.1f}' if speed else '?'} | {r.get('gmacs', '?')} |",
+            flush=True,
+        )
 
 
 def measure_speed(examples: list, candidates: list, n: int, rounds: int, batch_size: int) -> dict:
     """Cold bottlenecks img/s per candidate: n photos into an empty feature cache, on the
     pipeline's runtime, rounds interleaved over the candidates (the machine is shared and noisy)."""
     photos = [e for e in examples if e.split == "train"][:n]
-    backbones = {c: load_backbone(c.split(":")[0], image_size=(int(c.split(":")[1]),) * 2,
-                                  runtime="xnnpack") for c in candidates}
+    backbones = {
+        c: load_backbone(c.split(":")[0], image_size=(int(c.split(":")[1]),) * 2, runtime="xnnpack") for c in candidates
+    }
     runs = {c: [] for c in candidates}
     for _ in range(rounds):
         for candidate, backbone in backbones.items():
@@ -155,8 +181,10 @@ def measure_speed(examples: list, candidates: list, n: int, rounds: int, batch_s
                 cache = FeatureCache(Path(folder), backbone.id, backbone.feature_dim)
                 runs[candidate].append(compute_features(photos, backbone, cache, batch_size)["images_per_second"])
             print(candidate, runs[candidate][-1], "img/s", flush=True)
-    return {c: {"median": statistics.median(r), "rounds": r, "images": len(photos),
-                "runtime": backbones[c].runtime} for c, r in runs.items()}
+    return {
+        c: {"median": statistics.median(r), "rounds": r, "images": len(photos), "runtime": backbones[c].runtime}
+        for c, r in runs.items()
+    }
 
 
 def main():

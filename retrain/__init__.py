@@ -10,3 +10,6 @@ __version__ = "0.1.0"
 
 # TensorFlow's C++ INFO/WARNING chatter hides the one line a user needs; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# MLflow's INFO lines ("Creating initial MLflow database tables", "Validating input example") are
+# its bookkeeping, not news for the user; its warnings still show.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -3,7 +3,7 @@
 `augment.copies` views per TRAINING image: a random crop (at least `crop_area_min` of the image,
 aspect 3:4 to 4:3), a left-right flip and a brightness shift, applied to the decoded image before
 it is resized (`retrain.images`), so a crop keeps the photo's full resolution. Every random op is
-a stateless TF op seeded by (global seed, image sha256, view index): the same params give the same
+a stateless TF op (`retrain.tf.augment`, loaded only when a view must be computed) seeded by (global seed, image sha256, view index): the same params give the same
 pixels on every run and machine, so each view's feature vector is a cache entry like an original's,
 keyed `<image sha256>-<params digest>-<view>` in the same `FeatureCache`. Validation and test
 images are never augmented: `views_of` keeps only the train split.
@@ -14,16 +14,14 @@ import json
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from retrain.errors import RetrainError
-from retrain.features import (Example, FeatureCache, cached_vector, class_names, fill_cache, image_dataset,
+from retrain.features import (Example, FeatureCache, cached_vector, class_names, fill_cache, image_batches,
                               write_features_npz)
 from retrain.params import AugmentParams
 
-# Bump when `augment_image` computes different pixels for the same params and seeds.
+# Bump when `retrain.tf.augment.augment_image` computes different pixels for the same params and seeds.
 AUGMENT_VERSION = "1"
-ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
 
 def params_digest(params: AugmentParams, seed: int) -> str:
@@ -37,34 +35,6 @@ def view_seed(seed: int, sha256: str, view: int | str) -> tuple[int, int]:
     """The stateless-op seed of one view: a pair of int32s from (seed, image content, view)."""
     digest = hashlib.sha256(f"{seed}|{sha256}|{view}".encode()).digest()
     return int.from_bytes(digest[:4], "little") >> 1, int.from_bytes(digest[4:8], "little") >> 1
-
-
-def augment_image(image, seed, params: AugmentParams):
-    """uint8 [H, W, 3] → uint8 [h, w, 3]: random crop, flip and brightness, deterministic in `seed`.
-
-    seed: int32 Tensor [2] (see `view_seed`). Runs before `resize_image`, like training's decode.
-    """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([1, 0, 4], tf.float32), seed=seeds[0],
-        min_object_covered=0.0, aspect_ratio_range=ASPECT_RATIO_RANGE,
-        area_range=(params.crop_area_min, 1.0), max_attempts=20, use_image_if_no_bounding_boxes=True,
-    )
-    image = tf.slice(image, begin, size)
-    if params.flip:
-        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-    if params.brightness:
-        image = tf.image.stateless_random_brightness(image, params.brightness, seeds[2])  # saturates
-    return image
-
-
-def augmenter(params: AugmentParams):
-    """`augment_image` with these params, as `retrain.features.image_dataset`'s transform."""
-    @tf.autograph.experimental.do_not_convert  # plain TF ops; `params` is a Python choice
-    def transform(image, seed):
-        return augment_image(image, seed, params)
-
-    return transform
 
 
 def views_of(examples: list[Example], params: AugmentParams, seed: int) -> list[tuple[Example, int, str]]:
@@ -85,8 +55,10 @@ def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams
     stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing), "augmented_computed": 0}
     started = time.perf_counter()
     if missing:
+        from retrain.tf.augment import augmenter  # TensorFlow's random ops: only when views are missing
+
         paths, seeds = zip(*missing.values())
-        dataset = image_dataset(paths, backbone.image_size, batch_size, augmenter(params), seeds, extra=[list(missing)])
+        dataset = image_batches(paths, backbone.image_size, batch_size, augmenter(params), seeds, extra=[list(missing)])
         stats["augmented_computed"] = fill_cache(dataset, backbone, cache, len(missing), "augmented views")
     stats["augmented_seconds"] = round(time.perf_counter() - started, 3)
     return stats

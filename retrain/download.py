@@ -37,9 +37,8 @@ import urllib3
 from tqdm import tqdm
 
 from retrain.errors import NO_SPACE_ERRNOS, RetrainError
-
-DEFAULT_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
-DEFAULT_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+from retrain.limits import MAX_ARCHIVE_ENTRIES, MAX_COMPRESSION_RATIO, MAX_DOWNLOAD_BYTES, MAX_EXTRACTED_BYTES
+from retrain.urls import without_credentials
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 # Names that are archives themselves: kept out of raw_dir (split could not use them anyway).
@@ -56,14 +55,13 @@ _DECOMPRESS_ERRORS = (EOFError, zlib.error, lzma.LZMAError)
 class Limits:
     """What one dataset may cost, each checked while streaming; the params that set them.
 
-    The defaults admit the official flower archive (229 MB, 3,670 photos, ratio 1.0) and Oxford
-    102 (330 MB, 8,189 photos) with room to spare, and stop a zip or gzip of zeros (ratio ~1000).
+    The defaults are retrain.limits', defined there once with their reasons.
     """
 
-    download_bytes: int = 2_000_000_000  # data.max_download_bytes: bytes one download may fetch
-    extracted_bytes: int = 5_000_000_000  # data.max_extracted_bytes: bytes written into raw_dir
-    entries: int = 100_000  # data.max_archive_entries: files, folders and links in the dataset
-    compression_ratio: float = 100.0  # data.max_compression_ratio: extracted bytes / archive bytes
+    download_bytes: int = MAX_DOWNLOAD_BYTES  # data.max_download_bytes: bytes one download may fetch
+    extracted_bytes: int = MAX_EXTRACTED_BYTES  # data.max_extracted_bytes: bytes written into raw_dir
+    entries: int = MAX_ARCHIVE_ENTRIES  # data.max_archive_entries: files, folders and links in the dataset
+    compression_ratio: float = MAX_COMPRESSION_RATIO  # data.max_compression_ratio: extracted bytes / archive bytes
 
     @classmethod
     def of(cls, data) -> "Limits":
@@ -76,6 +74,7 @@ class _TransientError(Exception):
     """A download attempt failed in a way that retrying may fix."""
 
 
+@without_credentials
 def fetch_dataset(
     source: str,
     sha256: str | None,
@@ -117,7 +116,7 @@ def fetch_dataset(
         )
     if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise RetrainError(f"data.url {path}: not a .tgz/.tar(.gz/.bz2/.xz)/.zip archive or a folder of class folders")
-    _verify_sha256(path, sha256, remove_on_mismatch=False)
+    verify_sha256(path, sha256)
     return _extract(path, raw_dir, _archive_stem(path.name), limits, downloaded=False)
 def dataset_root(raw_dir: Path) -> Path:
     """The one dataset folder `fetch_dataset` left in raw_dir (what the split stage reads)."""
@@ -147,22 +146,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify_sha256(path: Path, expected: str | None, remove_on_mismatch: bool, origin: str | None = None) -> None:
+def verify_sha256(path: Path, expected: str | None, *, key: str = "data", origin: str | None = None,
+                  remove_on_mismatch: bool = False) -> None:
+    """Nothing when `expected` is None or is path's sha256; else a RetrainError naming the file (and
+    `origin`, the URL it came from), both digests and the param to set (`key`.sha256).
+    remove_on_mismatch: delete the file first, so a download that failed its check is never reused."""
     if not expected:
         return
     actual = file_sha256(path)
     if actual != expected.lower():
         if remove_on_mismatch:
             path.unlink(missing_ok=True)
+        name = f"{posixpath.basename(origin.rstrip('/'))} ({origin})" if origin else str(path)
         raise RetrainError(
-            f"checksum mismatch for {origin or path}: expected sha256 {expected}, got {actual}; "
-            f"if this is the archive you want, set data.sha256 to {actual} (or null)"
+            f"checksum mismatch for {name}: expected sha256 {expected}, got {actual}; "
+            f"download it again, or if this is the file you want set {key}.sha256 to {actual} (or null)"
         )
 
 
 # --- download ----------------------------------------------------------------------------------
 
 
+@without_credentials
 def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s, limits: Limits) -> Path:
     downloads = cache_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,7 @@ def _cached_download(url, sha256, cache_dir, retries, backoff_s, timeout_s, limi
             if attempt + 1 >= max(1, retries):
                 raise RetrainError(f"cannot download {url}: {e} (after {attempt + 1} tries); {OFFLINE_HINT}") from None
             time.sleep(backoff_s * 2**attempt)
-    _verify_sha256(part, sha256, remove_on_mismatch=True, origin=url)
+    verify_sha256(part, sha256, origin=url, remove_on_mismatch=True)
     os.replace(part, final)
     return final
 

@@ -57,9 +57,18 @@ def _path_in_traceback(traceback) -> str | None:
 
 
 def exit_on_error(function):
-    """Run a stage or command; a RetrainError or a full disk becomes one line on stderr and exit status 1."""
-    import sys
+    """Run a stage or command; a RetrainError or a full disk becomes one line on stderr and exit status 1,
+    Ctrl-C one line and exit status 130.
 
+    Ctrl-C must stop it even when it was started with SIGINT ignored, as a script's background job
+    (`cmd &`) is, and Python then leaves it ignored: the stage ran to the end and exited 0.
+    """
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return function()
     except RetrainError as error:

@@ -3,31 +3,30 @@
 `FeatureCache` stores one float32 vector per (backbone id, preprocessing version, image sha256)
 as a small .npy file, written to a temporary name and renamed, so a killed run never leaves a
 half-written entry and a damaged one is detected and recomputed. `compute_features` runs only the
-images the cache lacks through `image_dataset`, the one image pipeline (parallel read, decode,
-optional augmentation and resize in tf.data), then the backbone on its runtime (XNNPACK where
-it converts), with cache writes on a background thread. `write_split_arrays` then gathers the
+images the cache lacks through `image_batches`, the one image pipeline (read, decode, optional
+augmentation and resize on a thread per core, `retrain.images`' decoder), then the backbone on
+its runtime (XNNPACK where it converts), with cache writes on a background thread. No TensorFlow. `write_split_arrays` then gathers the
 per-split arrays the train and evaluate stages read, streamed row by row from the cache to disk.
 """
 
 import csv
-import functools
 import hashlib
 import io
 import os
 import tempfile
 import time
 import zipfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
-from retrain.images import PREPROCESSING_VERSION, decode_image, resize_image
+from retrain.images import PREPROCESSING_VERSION, ImageError, decode_image, resize_image
 
 SPLITS = ("train", "validation", "test")
 
@@ -66,17 +65,36 @@ def class_names(examples: list[Example]) -> list[str]:
     return sorted({example.label for example in examples})
 
 
+# Bump when an entry's layout changes: part of the cache folder's name.
+ENTRY_VERSION = "2"  # 2: each entry ends with the sha256 of its key and vector
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class FeatureCache:
-    """Content-addressed feature vectors of one backbone: root/<backbone id>/p<version>/ab/<sha>.npy"""
+    """Content-addressed feature vectors of one backbone: root/<backbone id>/p<version>-e<entry version>/ab/<sha>.npy
+
+    An entry is a .npy header, D float32s, then sha256(key, vector): `get` returns a vector only
+    when the digest matches, so a damaged entry, or one copied or renamed over another key's (a
+    teammate's mistake in a shared cache), is recomputed instead of trained or tested on. Entries
+    and folders get the user's umask, so a team sharing the folder (umask 002, one group) reads
+    each other's entries instead of recomputing them.
+    """
 
     def __init__(self, root: Path, backbone_id: str, feature_dim: int):
-        self.folder = Path(root) / backbone_id / f"p{PREPROCESSING_VERSION}"
+        self.folder = Path(root) / backbone_id / f"p{PREPROCESSING_VERSION}-e{ENTRY_VERSION}"
         self.feature_dim = feature_dim
-        # Every entry is the same .npy header followed by D float32s: writing and checking those
-        # bytes directly is several times cheaper than np.save/np.load, and the files are the same.
+        # Every entry is the same .npy header followed by D float32s and a digest: writing and
+        # checking those bytes directly is several times cheaper than np.save/np.load.
         buffer = io.BytesIO()
         np.save(buffer, np.zeros(feature_dim, np.float32), allow_pickle=False)
         self._header = buffer.getvalue()[: -4 * feature_dim]
+        self._size = len(self._header) + 4 * feature_dim + 32
+        self._mode = 0o666 & ~_umask()
         self._made_dirs = set()
 
     def path(self, sha256: str) -> Path:
@@ -85,33 +103,31 @@ class FeatureCache:
     def has(self, sha256: str) -> bool:
         """Whether a whole entry is there: one stat, no read (reading all 2,400 entries before
         computing was most of a warm run's work). Entries are renamed into place, so a complete
-        size means a complete write; `get` still checks the bytes when they are used."""
+        size means a complete write; `get` checks the bytes when they are used."""
         try:
-            return self.path(sha256).stat().st_size == len(self._header) + 4 * self.feature_dim
+            return self.path(sha256).stat().st_size == self._size
         except OSError:
             return False
 
+    @staticmethod
+    def _digest(key: str, vector_bytes: bytes) -> bytes:
+        return hashlib.sha256(key.encode() + b"\0" + vector_bytes).digest()
+
     def get(self, sha256: str) -> np.ndarray | None:
-        """The cached vector, or None when absent or damaged (a damaged entry is removed)."""
+        """The cached vector, or None when absent, damaged or not this key's (such an entry is removed)."""
         path = self.path(sha256)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                data = handle.read(self._size + 1)
         except FileNotFoundError:
             return None
         except OSError:
-            path.unlink(missing_ok=True)
             return None
-        if len(data) == len(self._header) + 4 * self.feature_dim and data.startswith(self._header):
-            return np.frombuffer(data, "<f4", offset=len(self._header)).astype(np.float32)
-        try:  # another valid .npy layout (another numpy's header), or a damaged entry
-            vector = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError):
-            path.unlink(missing_ok=True)
-            return None
-        if vector.shape != (self.feature_dim,) or vector.dtype != np.float32:
-            path.unlink(missing_ok=True)
-            return None
-        return vector
+        body = data[len(self._header): len(self._header) + 4 * self.feature_dim]
+        if len(data) == self._size and data.startswith(self._header) and data[-32:] == self._digest(sha256, body):
+            return np.frombuffer(body, "<f4").astype(np.float32)
+        path.unlink(missing_ok=True)
+        return None
 
     def put(self, sha256: str, vector: np.ndarray) -> None:
         """Store atomically: a reader sees the whole entry or none."""
@@ -126,67 +142,66 @@ class FeatureCache:
         # instead of reopening the file by name took 2,400 puts from 0.7-1.1 s to 0.18-0.34 s.
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
         try:
+            os.fchmod(handle, self._mode)  # mkstemp makes it 0600: the umask decides, as for any file
             with os.fdopen(handle, "wb") as out:
-                out.write(self._header + vector.tobytes())
+                body = vector.tobytes()
+                out.write(self._header + body + self._digest(sha256, body))
             os.replace(temp, path)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
 
 
-# How the 2 cores are shared between decoding and the model (measured: benchmarks/README.md).
-DECODE_CALLS = tf.data.AUTOTUNE  # with the autotuner off: one decode per core
+# Decoding runs on a thread per core (Pillow and numpy release the GIL), two batches ahead of the
+# model: it is the slow side, and a fixed depth keeps memory flat.
+DECODE_THREADS = os.cpu_count() or 1
 PREFETCH_BATCHES = 2
 
 
-@functools.lru_cache(maxsize=8)
-def image_loader(image_size: tuple[int, int], transform=None):
-    """path, seed → float32 [H, W, 3] image; traced once per process, size and transform (tracing costs 1-4 s)."""
+def image_batches(paths, image_size, batch_size: int, transform=None, seeds=None, extra=()):
+    """The one image pipeline: yields (float32 [B, H, W, 3] images in [0, 1], *extra columns' values).
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)], autograph=False)
-    def load(path, seed):
-        image = decode_image(tf.io.read_file(path))
-        if transform is not None:
-            image = transform(image, seed)
-        return resize_image(image, image_size)
-
-    return load
-
-
-def image_dataset(paths, image_size, batch_size: int, transform=None, seeds=None, extra=()):
-    """The one image pipeline: batches of (float32 [B, H, W, 3] in [0, 1] images, *extra columns).
-
-    Every image → model path (bottlenecks, augmented views, fine-tuning, its validation) runs
-    here, so a speed fix lands everywhere at once. Order is kept. transform: None, or a function
-    (uint8 [H, W, 3] image, int32 [2] seed) → uint8 image of TF ops applied before the resize
+    Every image → model path (bottlenecks, augmented views, fine-tuning, its validation, Ray
+    actors) runs here, so a speed fix lands everywhere at once. Order is kept. transform: None, or
+    a function (uint8 [H, W, 3] image, int32 [2] seed) → uint8 image applied before the resize
     (augmentation), given seeds[i] for image i. extra: more per-image columns passed through
-    (cache keys, labels). A file that changed since split must not stop the whole run: it is
-    skipped, so its row simply never arrives.
+    (cache keys, labels), as numpy arrays per batch. A file that changed since split must not stop
+    the whole run: it is skipped, so its row simply never arrives.
     """
+    paths = [str(p) for p in paths]
     seeds = np.zeros((len(paths), 2), np.int32) if seeds is None else np.asarray(seeds, np.int32).reshape(-1, 2)
-    load = image_loader(tuple(image_size), transform)
+    columns = [np.asarray(column) for column in extra]
+    size = tuple(image_size)
 
-    @tf.autograph.experimental.do_not_convert  # a call of the traced loader and a tuple
-    def row(path, seed, *rest):
-        return (load(path, seed), *rest)
+    def load(i):
+        try:
+            with open(paths[i], "rb") as handle:
+                image = decode_image(handle.read())
+            if transform is not None:
+                image = transform(image, seeds[i])
+            return resize_image(image, size)
+        except (ImageError, OSError):
+            return None
 
-    paths = tf.constant([str(p) for p in paths], tf.string)  # typed: an empty split stays strings
-    dataset = tf.data.Dataset.from_tensor_slices((paths, seeds, *extra))
-    dataset = dataset.map(row, num_parallel_calls=DECODE_CALLS, deterministic=True).ignore_errors()
-    return batched(dataset, batch_size)
-
-
-def batched(dataset, batch_size: int):
-    """The image pipeline's end: batches, `PREFETCH_BATCHES` ahead, with tf.data's autotuner off.
-
-    Two batches ahead keep the model busy (it is the slow side); a fixed depth keeps memory flat.
-    With the autotuner on, deleting a finished iterator stalled the caller for 2-5 s in 8 of 20
-    runs over 480 flower photos; off, in none of 28 runs over 160-800 photos. Off, a map's
-    `num_parallel_calls=AUTOTUNE` is one call per core, which decoding needs.
-    """
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(options)
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        upcoming, pending, rows, images = iter(range(len(paths))), deque(), [], []
+        for i in upcoming:
+            pending.append((i, pool.submit(load, i)))
+            if len(pending) >= batch_size * PREFETCH_BATCHES:
+                break
+        while pending:
+            i, loading = pending.popleft()
+            if (following := next(upcoming, None)) is not None:
+                pending.append((following, pool.submit(load, following)))
+            if (image := loading.result()) is None:
+                continue
+            images.append(image)
+            rows.append(i)
+            if len(images) == batch_size:
+                yield (np.stack(images), *(column[rows] for column in columns))
+                rows, images = [], []
+        if images:
+            yield (np.stack(images), *(column[rows] for column in columns))
 
 
 def compute_features(examples: list[Example], backbone, cache: FeatureCache, batch_size: int) -> dict:
@@ -201,7 +216,7 @@ def compute_features(examples: list[Example], backbone, cache: FeatureCache, bat
     stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
     started = time.perf_counter()
     if missing:
-        dataset = image_dataset(list(missing.values()), backbone.image_size, batch_size, extra=[list(missing)])
+        dataset = image_batches(list(missing.values()), backbone.image_size, batch_size, extra=[list(missing)])
         stats["computed"] = fill_cache(dataset, backbone, cache, len(missing), "bottlenecks")
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
@@ -218,14 +233,11 @@ def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) ->
     computed, writing = 0, None
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total, unit="img", desc=desc, mininterval=1.0) as bar:
         for images, keys in batches:
-            # On the backbone's runtime (XNNPACK where it converts). On TensorFlow it is called as
-            # it is: a restored SavedModel function is already a graph that takes any batch size;
-            # wrapping it in a new tf.function cost a trace per call (0.3 s) and another for the
-            # last, shorter batch.
+            # On the backbone's runtime (XNNPACK where it converts, else TensorFlow).
             vectors = backbone.extract(images)
             if writing is not None:  # a failed write (a full disk) must stop the stage, not vanish
                 writing.result()
-            writing = writer.submit(_put_batch, cache, [key.decode() for key in keys.numpy()], vectors)
+            writing = writer.submit(_put_batch, cache, [str(key) for key in keys], vectors)
             bar.update(len(vectors))
             computed += len(vectors)
         if writing is not None:
@@ -303,8 +315,9 @@ def load_split_arrays(features_dir: Path, split: str) -> tuple[np.ndarray, np.nd
 
 
 def load_labels(features_dir: Path) -> list[str]:
+    """The class names of labels.txt, one a line ("\\n" only: split refuses labels holding any line break)."""
     path = Path(features_dir, "labels.txt")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_bytes().decode("utf-8").split("\n")[:-1]
     except FileNotFoundError:
         raise RetrainError(f"{path}: not found; run the bottlenecks stage first (dvc repro bottlenecks)") from None

@@ -1,109 +1,131 @@
-"""The one image decoder, shared by split, bottlenecks, export and predict.
+"""The one image decoder, shared by split, bottlenecks, evaluate's model, predict and serving.
 
 Training and serving must see the same pixels, so every path that turns image bytes into model
-input goes through `decode_image` and `resize_image` here: split uses them to decide which files
-are usable, bottlenecks to compute features, and export embeds the very same TensorFlow ops in the
-SavedModel's serving signature (so everything here stays plain TensorFlow ops, no Python or PIL).
-Changing either function changes features, so bump `PREPROCESSING_VERSION`: it is part of every
-feature-cache key.
+input in Python goes through `decode_image` and `resize_image` here: split uses them to decide
+which files are usable, bottlenecks to compute features, `retrain predict` and the served MLflow
+model to classify. No TensorFlow: Pillow (libjpeg-turbo) decodes, numpy resizes.
+
+The exported SavedModel keeps an in-graph copy for TF Serving users (`retrain.tf.graph_images`):
+JPEGs with libjpeg's accurate integer DCT (what Pillow uses; TensorFlow's default, the fast DCT,
+differs by up to 21 levels), EXIF orientation applied the same way, and TensorFlow's bilinear
+resize (half-pixel centres, no antialiasing), which `resize_image` computes in numpy.
+tests/test_images.py checks the two give the same pixels. Changing either changes features, so
+bump `PREPROCESSING_VERSION`: it is part of every feature-cache key.
 """
 
-import tensorflow as tf
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from retrain.limits import MAX_IMAGE_PIXELS
 
 # 2: JPEGs are turned upright by their EXIF Orientation tag, as photo viewers show them.
-PREPROCESSING_VERSION = "2"
+# 3: decoded without TensorFlow: JPEG's accurate integer DCT (Pillow's) instead of TF's fast one.
+PREPROCESSING_VERSION = "3"
 
-# Exif's APP1 segment comes right after SOI, or after a JFIF APP0: its marker sits within the first
-# few hundred bytes. The segment itself is at most 64 KiB, so IFD0 lies within that many bytes.
-_EXIF_MARKER_WINDOW = 4096
-_EXIF_SEGMENT_BYTES = 65536 + _EXIF_MARKER_WINDOW
-_MAX_IFD_ENTRIES = 64  # IFD0 is sorted by tag and Orientation (0x0112) comes early
+# Formats the decoder reads (MPO is a multi-picture JPEG from cameras; it decodes as JPEG).
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+_OPENERS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # Pillow's JPEG opener reads MPO files too
 
 
-def decode_image(contents):
+class ImageError(ValueError):
+    """Bytes that are no decodable image of a supported format (the message says why)."""
+
+
+def decode_image(contents: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, GIF first frame, BMP, WebP) to upright RGB.
 
-    contents: scalar tf.string Tensor. Returns a uint8 Tensor of shape [H, W, 3]: grayscale is
-    replicated, alpha dropped, CMYK converted, 16-bit scaled to 8, and a JPEG is rotated/flipped
-    by its EXIF Orientation tag. Raises tf.errors.InvalidArgumentError on bytes that are no
-    decodable image.
+    Returns uint8 [H, W, 3]: grayscale replicated, alpha dropped, palette expanded, 16-bit scaled
+    to 8, and a JPEG turned by its EXIF Orientation tag. Raises ImageError for bytes that are no
+    decodable image, or whose header announces more than max_pixels (before any pixel is decoded).
     """
-    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
-    orientation = exif_orientation(contents)
-    image = tf.cond(orientation == 1, lambda: image, lambda: _apply_orientation(image, orientation))
-    image.set_shape([None, None, 3])
-    return image
+    Image.init()  # every plugin registered: `formats` names some that preinit leaves out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit is checked below
+            with Image.open(io.BytesIO(contents), formats=_OPENERS) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{width}x{height} pixels, over the {max_pixels} pixel limit")
+                if image.format in ("JPEG", "MPO"):
+                    image = ImageOps.exif_transpose(image)
+                return _rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"over the {max_pixels} pixel limit") from None
+    except Exception as error:  # Pillow raises many types for damaged data
+        raise ImageError(f"cannot be decoded ({type(error).__name__}: {str(error)[:160]})") from None
 
 
-def resize_image(image, size):
-    """uint8 [H, W, 3] → float32 [size[0], size[1], 3] in [0, 1], bilinear."""
-    image = tf.image.convert_image_dtype(image, tf.float32)
-    return tf.image.resize(image, size, method="bilinear")
+def _rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: the top 8 bits, as TF does
+        pixels = np.asarray(image, dtype=np.uint32) >> 8
+        return np.repeat(np.clip(pixels, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA", "LA") else image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
 
 
-def exif_orientation(contents):
-    """EXIF Orientation (1..8) of JPEG bytes as an int32 scalar; 1 when absent or unreadable.
+def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """(PIL format, (width, height)) from the header alone, or None if no plugin recognises it.
 
-    Reads IFD0 of the first APP1 "Exif" segment with tensor ops (no Python), little or big endian.
-    Most photos carry no Exif segment (none of 400 flower photos sampled), so a cheap look for its
-    marker comes first; the full read cost about a quarter of decode+resize's CPU.
+    Image.open would do this but applies PIL's global decompression-bomb limit; this is its
+    format loop without that check, so the caller's pixel limit alone decides and nothing is
+    decoded. split, `retrain predict` and the served model check files with it.
     """
-    head = _padded_bytes(contents, _EXIF_MARKER_WINDOW + 10)
-    window = tf.minimum(tf.shape(head)[0] - 16, _EXIF_MARKER_WINDOW)
-    # An APP1 marker (FF E1), a 2-byte length, then "Exif\0\0".
-    found = tf.ones([window], tf.bool)
-    for k, byte in enumerate([0xFF, 0xE1, None, None, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00]):
-        if byte is not None:
-            found &= head[k : k + window] == byte
-    is_jpeg = (head[0] == 0xFF) & (head[1] == 0xD8)
-    marker = tf.argmax(tf.cast(tf.concat([found, [False]], 0), tf.int32), output_type=tf.int32)
-    return tf.cond(is_jpeg & tf.reduce_any(found), lambda: _read_orientation(contents, marker), lambda: tf.constant(1))
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a str is PIL's "almost, but no"
+                continue
+            image = factory(io.BytesIO(data), None)
+            return fmt, image.size
+        except Exception:  # any bytes can arrive here: a plugin that chokes on them just says no
+            continue
+    return None
 
 
-def _padded_bytes(contents, length):
-    """The first `length` bytes of contents as uint8, followed by 16 zeros (reads past the end see zeros)."""
-    return tf.concat([tf.io.decode_raw(tf.strings.substr(contents, 0, length), tf.uint8), tf.zeros([16], tf.uint8)], 0)
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+    """uint8 [H, W, 3] → float32 [size[0], size[1], 3] in [0, 1]: TensorFlow's bilinear resize
+    (`tf.image.resize(..., "bilinear")`: half-pixel centres, no antialiasing), in float32.
 
-
-def _read_orientation(contents, marker):
-    """Orientation from IFD0 of the Exif segment whose APP1 marker sits at byte `marker`."""
-    head = _padded_bytes(contents, _EXIF_SEGMENT_BYTES)
-    size = tf.shape(head)[0] - 16
-    tiff = marker + 10  # TIFF header: byte order, 42, offset of IFD0
-
-    def byte_at(offset):
-        return tf.cast(tf.gather(head, tf.clip_by_value(offset, 0, size + 15)), tf.int32)
-
-    little = byte_at(tiff) == 0x49  # "II" (Intel); else "MM" (Motorola)
-
-    def u16(offset):
-        first, second = byte_at(offset), byte_at(offset + 1)
-        return tf.where(little, first + 256 * second, 256 * first + second)
-
-    def u32_small(offset):  # offsets inside a 64 KiB segment: the high half is zero
-        return tf.where(little, u16(offset), u16(offset + 2))
-
-    ifd0 = tiff + u32_small(tiff + 4)
-    entries = ifd0 + 2 + 12 * tf.range(_MAX_IFD_ENTRIES)
-    is_orientation = (u16(entries) == 0x0112) & (tf.range(_MAX_IFD_ENTRIES) < u16(ifd0))
-    value = tf.reduce_max(tf.where(is_orientation, u16(entries + 8), 0))
-    return tf.where((value >= 1) & (value <= 8), value, 1)
-
-
-# EXIF orientation 1..8 as "transpose first (5-8)", then flip rows and/or columns: the same pixels
-# as PIL's ImageOps.exif_transpose. Two always-run ops on dynamic arguments instead of a
-# tf.switch_case over 8 branch functions: decode+resize fell from 2.41-2.52 to 2.14-2.35 ms of CPU
-# per flower photo.
-_FLIPS = [[False, False, False], [False, True, False], [True, True, False], [True, False, False]]
-
-
-def _apply_orientation(image, orientation):
-    """Turn [H, W, 3] upright for EXIF orientation 1..8 (as PIL's ImageOps.exif_transpose).
-
-    1 upright, 2 mirrored, 3 upside down, 4 mirrored upside down; 5-8 are 1-4 of the transposed
-    image (5 transpose, 6 turned 90° clockwise, 7 transverse, 8 turned 90° anticlockwise).
+    The four neighbours are gathered as uint8 from the image seen as [H, W*3] (a gather along the
+    last axis is several times cheaper than one along the middle axis of [H, W, 3]), then scaled
+    and blended in TensorFlow's order, so the result is TensorFlow's to the bit.
     """
-    index = orientation - 1
-    perm = tf.where(index >= 4, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
-    flips = tf.gather(tf.constant(_FLIPS), index % 4)
-    return tf.raw_ops.Reverse(tensor=tf.transpose(image, perm), dims=flips)
+    height, width = image.shape[:2]
+    (top, bottom, y_lerp), (left, right, x_lerp) = _weights(height, size[0]), _weights(width, size[1])
+    flat = np.ascontiguousarray(image).reshape(height, width * 3)
+    channels = np.arange(3)
+    left, right = (left[:, None] * 3 + channels).ravel(), (right[:, None] * 3 + channels).ravel()
+    scale = np.float32(1.0 / 255)
+    x_lerp = np.repeat(x_lerp, 3)
+    blended = []
+    for rows in (flat[top], flat[bottom]):
+        first = np.take(rows, left, axis=1).astype(np.float32) * scale
+        second = np.take(rows, right, axis=1).astype(np.float32) * scale
+        blended.append(first + (second - first) * x_lerp)
+    upper, lower = blended
+    return (upper + (lower - upper) * y_lerp[:, None]).reshape(size[0], size[1], 3)
+
+
+def _weights(in_size: int, out_size: int):
+    """Source rows (or columns) below and above each output one, and the weight of the second."""
+    scale = np.float32(in_size / out_size)
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(position)
+    low = np.clip(floor, 0, in_size - 1).astype(np.intp)
+    high = np.clip(np.ceil(position), 0, in_size - 1).astype(np.intp)
+    return low, high, (position - floor).astype(np.float32)
+
+
+def load_image(path, size) -> np.ndarray:
+    """A file → float32 [size[0], size[1], 3] in [0, 1], as bottlenecks and predict feed the model."""
+    with open(path, "rb") as handle:
+        return resize_image(decode_image(handle.read()), size)

@@ -13,9 +13,13 @@ sha256; `place_oxford_images` nests 102flowers.tgz's top folder `jpg/` inside th
 """
 
 import csv
+import io
 import json
 import posixpath
 import shutil
+import struct
+import unicodedata
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -23,6 +27,9 @@ from urllib.request import url2pathname
 
 from retrain import download
 from retrain.errors import RetrainError
+from retrain.limits import MAX_SMALL_FILE_BYTES
+from retrain.small_files import read_capped, read_capped_text
+from retrain.urls import without_credentials
 
 OXFORD_LABELS = "imagelabels.mat"
 OXFORD_SETS = "setid.mat"
@@ -42,6 +49,56 @@ class Labelled:
     where: str
 
 
+# --- checking a class label ------------------------------------------------------------------
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a class name, or None when it can.
+
+    labels.txt holds one label a line and is read back with str.splitlines(), which also splits
+    on \\r, \\v, \\f, \\x1c-\\x1e, \\x85, U+2028 and U+2029: a label holding one would become two and
+    shift every later class. Control and format characters, surrounding spaces and text that is
+    not valid Unicode (a folder name in another encoding) are refused for the same reason: a
+    label must read back as itself from every file it is written to.
+    """
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (a name from another encoding)"
+    if not label:
+        return "is empty"
+    if label != label.strip():
+        return "starts or ends with whitespace"
+    for character in label:
+        if len(f"a{character}b".splitlines()) > 1:
+            return f"holds a line break ({ascii(character)})"
+        if unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+            return f"holds the control or format character {ascii(character)}"
+    return None
+
+
+def check_label(label: str, where: str, fix: str) -> str:
+    """`label` itself, or a RetrainError naming `where` it came from and the `fix`."""
+    problem = label_problem(label)
+    if problem:
+        raise RetrainError(f"{where}: class name {shown_name(label)} {problem}; {fix}")
+    return label
+
+
+def shown_name(text: str) -> str:
+    """A name quoted for one error line: escapes for line breaks and control characters, and the
+    raw bytes (\\xff) of a name in another encoding, so the user can find the file."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(text.encode("utf-8", "surrogateescape"))[1:] if _only_escaped_bytes(text) else ascii(text)
+    return ascii(text) if label_problem(text) else repr(text)
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    return all(not "\ud800" <= c <= "\udfff" or "\udc80" <= c <= "\udcff" for c in text)
+
+
 # --- a labels CSV ------------------------------------------------------------------------------
 
 
@@ -49,11 +106,11 @@ def read_labels_csv(root: Path, name: str) -> list[Labelled]:
     """The rows of `root/name`, a CSV with a header naming (at least) the columns path and label."""
     path = Path(root, name)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-            rows = list(csv.reader(f))
+        text = read_capped_text(path, what="labels CSV", encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
+        rows = list(csv.reader(io.StringIO(text, newline="")))
     except FileNotFoundError:
         raise RetrainError(f"data.labels: {path} not found; put the labels CSV in the dataset folder or set data.labels: null") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except (OSError, csv.Error) as e:
         raise RetrainError(f"data.labels: cannot read {path} ({e}); save it as UTF-8 CSV") from None
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if "path" not in header or "label" not in header:
@@ -66,7 +123,8 @@ def read_labels_csv(root: Path, name: str) -> list[Labelled]:
         where = f"{name} line {number}"
         if len(row) <= max(at_path, at_label) or not row[at_label].strip():
             raise RetrainError(f"{path} line {number}: expected a path and a label, got {','.join(row)!r}")
-        table.append(Labelled(_relative_path(row[at_path], where), row[at_label].strip(), None, where))
+        label = check_label(row[at_label].strip(), f"{path} line {number}", "rename the class in the CSV (one line, no control characters)")
+        table.append(Labelled(_relative_path(row[at_path], where), label, None, where))
     _check_unique(table, path)
     return table
 
@@ -113,18 +171,54 @@ def _mat_vector(path: Path, key: str) -> list[int]:
 
     if not path.is_file():
         raise RetrainError(f"{path} not found; list it in data.extra_files (Oxford 102's {path.name}) or put it beside jpg/")
+    data = read_capped(path, MAX_SMALL_FILE_BYTES, what="MATLAB file")
+    _check_mat_expansion(path, data)
     try:
-        content = scipy.io.loadmat(path)
+        content = scipy.io.loadmat(io.BytesIO(data))
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError... on damaged files
-        raise RetrainError(f"{path}: not a readable MATLAB file ({e}); download it again") from None
+        raise RetrainError(f"{path}: not a readable MATLAB file ({str(e)[:200]}); download it again") from None
     values = content.get(key)
     if values is None:
-        found = ", ".join(k for k in content if not k.startswith("__")) or "none"
+        found = ", ".join(k for k in content if not k.startswith("__"))[:200] or "none"
         raise RetrainError(f"{path}: no variable {key!r} (found: {found}); is this Oxford 102's {path.name}?")
     values = np.asarray(values)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.number) or np.any(values != np.round(values)) or values.min() < 1:
-        raise RetrainError(f"{path}: {key!r} must be positive whole numbers (1-based), got {values.dtype} {values.shape}")
+    usable = (values.size > 0 and values.dtype.kind in "iuf" and np.all(np.isfinite(values))
+              and np.all(values == np.round(values)) and values.min() >= 1 and values.max() <= MAX_MAT_NUMBER)
+    if not usable:
+        raise RetrainError(f"{path}: {key!r} must be positive whole numbers (1-based, at most {MAX_MAT_NUMBER}), "
+                           f"got {values.dtype} {values.shape}; download it again")
     return [int(v) for v in values.ravel()]
+
+
+# Oxford 102 numbers 8,189 images and 102 classes; a number beyond this is damage, not a dataset.
+MAX_MAT_NUMBER = 10_000_000
+
+
+def _check_mat_expansion(path: Path, data: bytes) -> None:
+    """Refuse a MATLAB v5 file whose compressed variables unpack to more than MAX_SMALL_FILE_BYTES.
+
+    A few kB of zlib can hold a GiB of zeros, which scipy would unpack whole. The file is a
+    128-byte header then tagged elements (type, byte count); type 15 is one zlib-compressed
+    variable, unpacked here only up to the cap and never kept.
+    """
+    if len(data) < 128 or data[126:128] not in (b"IM", b"MI"):
+        return  # not v5 (v4 is never compressed; anything else scipy refuses by itself)
+    order = "<" if data[126:128] == b"IM" else ">"
+    position, unpacked = 128, 0
+    while position + 8 <= len(data):
+        kind, size = struct.unpack(order + "II", data[position:position + 8])
+        if kind == 15:
+            inflater = zlib.decompressobj()
+            try:
+                unpacked += len(inflater.decompress(data[position + 8:position + 8 + size], MAX_SMALL_FILE_BYTES + 1 - unpacked))
+            except zlib.error:
+                return  # damaged: scipy's own error names it
+        else:
+            unpacked += size
+        if unpacked > MAX_SMALL_FILE_BYTES:
+            raise RetrainError(f"{path}: its variables unpack to more than {MAX_SMALL_FILE_BYTES} bytes "
+                               "(Oxford 102's take 66 kB); download the file again")
+        position += 8 + size + (-size % 8 if kind != 15 else 0)
 
 
 def _class_names(root: Path, numbers: list[int]) -> dict[int, str]:
@@ -134,15 +228,18 @@ def _class_names(root: Path, numbers: list[int]) -> dict[int, str]:
         return {n: f"class_{n:03d}" for n in numbers}
     path = present[0]
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(read_capped_text(path, what="label map"))
     except (OSError, ValueError) as e:
-        raise RetrainError(f"{path}: not readable JSON ({e}); fix it or remove it to use class_001 … names") from None
+        raise RetrainError(f"{path}: not readable JSON ({str(e)[:200]}); fix it or remove it to use class_001 … names") from None
+    except RecursionError:
+        raise RetrainError(f"{path}: JSON nested too deeply to be a label map; fix it or remove it to use class_001 … names") from None
     if not isinstance(mapping, dict):
         raise RetrainError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
-    missing = [n for n in numbers if not str(mapping.get(str(n), "")).strip()]
+    missing = [n for n in numbers if not isinstance(mapping.get(str(n)), (str, int, float)) or not str(mapping[str(n)]).strip()]
     if missing:
         raise RetrainError(f"{path}: no name for class {missing[0]} (of {len(missing)} missing); add it or remove the file")
-    names = {n: str(mapping[str(n)]).strip() for n in numbers}
+    names = {n: check_label(str(mapping[str(n)]).strip(), f"{path} class {n}", "fix that name (one line, no control characters)")
+             for n in numbers}
     clash = _first_repeat(list(names.values()))
     if clash:
         raise RetrainError(f"{path}: the name {clash!r} is given to two classes; names must be distinct")
@@ -175,6 +272,7 @@ def _official_splits(root: Path, count: int) -> dict[int, str]:
 # --- fetching the label files ------------------------------------------------------------------
 
 
+@without_credentials
 def fetch_extra_files(files, dest: Path, cache_dir: Path, *, limits=None, **retry) -> list[Path]:
     """Put each of `files` (url, sha256: data.extra_files) at dest/<its URL's base name>.
 
@@ -196,7 +294,7 @@ def fetch_extra_files(files, dest: Path, cache_dir: Path, *, limits=None, **retr
             # Maybe cached from an earlier, different file at that URL: fetch once more, then judge.
             source.unlink()
             source = _extra_source(extra.url, key, cache_dir, limits, retry)
-        _check_digest(source, extra.sha256, key, extra.url, downloaded)
+        download.verify_sha256(source, extra.sha256, key=key, origin=extra.url, remove_on_mismatch=downloaded)
         shutil.copyfile(source, dest / name)
         placed.append(dest / name)
     return placed
@@ -214,19 +312,6 @@ def _extra_source(url: str, key: str, cache_dir: Path, limits, retry: dict) -> P
     if not path.is_file():
         raise RetrainError(f"{key}.url {url!r}: {path} is not a file; give its URL or a local copy's path")
     return path
-
-
-def _check_digest(path: Path, expected: str | None, key: str, origin: str, downloaded: bool) -> None:
-    if not expected:
-        return
-    actual = download.file_sha256(path)
-    if actual != expected:
-        if downloaded:
-            path.unlink(missing_ok=True)  # never reuse a file that failed its check
-        raise RetrainError(
-            f"checksum mismatch for {posixpath.basename(origin)} ({origin}): expected sha256 {expected}, got {actual}; "
-            f"download it again, or if this is the file you want set {key}.sha256 to {actual} (or null)"
-        )
 
 
 def place_oxford_images(root: Path) -> Path:

@@ -1,6 +1,6 @@
 """The model that goes on: what the finetune stage always writes and evaluate and export read.
 
-data/finetune/ holds one complete model, fine-tuned or not: `head.keras`, `backbone.json` (what to
+data/finetune/ holds one complete model, fine-tuned or not: `head.npz`, `backbone.json` (what to
 give `load_backbone`: the preset or handle and size, or the fine-tuned SavedModel beside it),
 `labels.txt`, and the validation and test features that this model's backbone gives. With
 fine-tuning off, the frozen head and the cached features are copied in as they are, so evaluate
@@ -19,7 +19,7 @@ def write_frozen(out_dir: Path, features_dir: Path, head: Path, backbone: str, i
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("validation.npz", "test.npz", "labels.txt"):
         shutil.copyfile(features_dir / name, out_dir / name)
-    shutil.copyfile(head, out_dir / "head.keras")
+    shutil.copyfile(head, out_dir / "head.npz")
     write_backbone_spec(out_dir, backbone, image_size)
 
 

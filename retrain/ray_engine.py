@@ -4,7 +4,7 @@
 `augment.compute_views`) for ones with the same signature and stats that run on Ray: the rows of
 split.csv whose cache entry is missing become a Ray dataset of (cache key, image path, view seed);
 `map_batches` sends them to a pool of actors, each of which loads the backbone once, decodes with
-the project's one image pipeline (`features.image_dataset`, with `augment.augmenter` for views) and writes every
+the project's one image pipeline (`features.image_batches`, with `augment.augmenter` for views) and writes every
 vector into the same content-addressed `FeatureCache` (atomic entries), so a cache filled by
 either engine serves the other. The driver only counts what comes back (a tqdm bar with images/s
 beside Ray Data's own progress) and then writes the split arrays exactly as the local engine does.
@@ -108,7 +108,10 @@ def connect(address: str | None = None) -> dict:
 
     Returns the seconds it took and the cluster's size. Connecting twice in a process is free.
     """
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RetrainError("bottlenecks.engine ray needs the ray extra: pip install 'retrain[ray]' (make venv EXTRAS=ray)") from None
 
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -185,7 +188,7 @@ def _blocks(missing: dict, per_call: int):
 class _Embedder:
     """A Ray actor: the backbone loaded once; each call runs the local engine's pipeline over its rows.
 
-    That is `features.image_dataset` (parallel decode with the one decoder, augmentation for views)
+    That is `features.image_batches` (threaded decode with the one decoder, augmentation for views)
     into `features.fill_cache` (the backbone on its runtime, cache writes on a background thread):
     the same code as `engine: local`, so the same vectors.
     """
@@ -213,11 +216,11 @@ class _Embedder:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
-        from retrain.features import fill_cache, image_dataset
+        from retrain.features import fill_cache, image_batches
 
         keys = [str(key) for key in batch["key"]]
         seeds = np.stack([batch["seed0"], batch["seed1"]], axis=1)
-        images = image_dataset([str(p) for p in batch["path"]], self.backbone.image_size, self.batch_size,
+        images = image_batches([str(p) for p in batch["path"]], self.backbone.image_size, self.batch_size,
                                self.transform, seeds, extra=[keys])
         computed = fill_cache(images, self.backbone, self.cache, len(keys), "")
         return {"computed": np.array([computed]), "node": np.array([self.node])}
@@ -227,8 +230,8 @@ def _transform(augment: dict | None):
     """`augment.augmenter` for views (params given as a dict), None for the photos as they are."""
     if augment is None:
         return None
-    from retrain.augment import augmenter
     from retrain.params import AugmentParams
+    from retrain.tf.augment import augmenter  # TensorFlow's random ops: views only
 
     return augmenter(AugmentParams(**augment))
 

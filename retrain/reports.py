@@ -73,7 +73,7 @@ def write_confusion_csv(path, y_true, y_pred, labels):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((labels[t], labels[p]) for t, p in zip(y_true, y_pred))
+        writer.writerows((spreadsheet_safe(labels[t]), spreadsheet_safe(labels[p])) for t, p in zip(y_true, y_pred))
     return Path(path)
 
 
@@ -98,8 +98,18 @@ def write_per_class_csv(path, confusion, labels):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "precision", "recall", "f1", "support"])
-        writer.writerows(per_class_rows(confusion, labels))
+        writer.writerows((spreadsheet_safe(name), *numbers) for name, *numbers in per_class_rows(confusion, labels))
     return Path(path)
+
+
+# A cell a spreadsheet would run as a formula (`=HYPERLINK(...)`, `+cmd|...`, `@SUM(...)`).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A class name as a CSV cell: with a leading ' when a spreadsheet would read it as a formula
+    (OWASP's advice for CSV injection); any other name as is."""
+    return f"'{text}" if str(text).startswith(_FORMULA_STARTS) else text
 
 
 def write_per_class_markdown(path, confusion, labels):
@@ -135,8 +145,9 @@ def plot_confusion_matrix(path, confusion, labels):
         ax.set_xlabel("Predicted")
         ax.set_ylabel("True")
         ticks = np.arange(num_classes)
-        ax.set_xticks(ticks, labels, rotation=90, fontsize=font)
-        ax.set_yticks(ticks, labels, fontsize=font)
+        # parse_math=False: a class named "$\notacommand$" is text, not TeX that fails the savefig
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=font, parse_math=False)
+        ax.set_yticks(ticks, labels, fontsize=font, parse_math=False)
         if num_classes <= ANNOTATE_MAX_CLASSES:
             _annotate_cells(ax, values, fmt)
     fig.savefig(path, dpi=100)

@@ -9,36 +9,37 @@ a hash of the file name picks train/validation/test, so adding images never move
 Labels come from the class folders, or from a labels CSV or Oxford 102's .mat files
 (`retrain.layouts`), whose official split can replace the hash rule. Files with identical content
 always share a split (else a test image leaks into training): each group goes where its first
-file by path goes, and duplicates.csv lists them. `split_dataset` runs the whole stage: list,
-check, keep duplicates together, write the three CSV files.
+file by path goes, and duplicates.csv lists them. Photos that only look alike (burst shots,
+resized copies) join those groups when `data.near_duplicate_distance` is set (`retrain.phash`;
+near_duplicates.csv), and photos a person excluded (`data.exclude`, `retrain.exclusions`) go to
+rejected.csv unread. `split_dataset` runs the whole stage: list, drop the excluded, check, keep
+duplicates together, write the four CSV files.
 """
 
 import csv
 import functools
 import hashlib
-import io
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import tensorflow as tf
-from PIL import Image
 from tqdm import tqdm
 
 from retrain import layouts
 from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
-from retrain.images import decode_image
+from retrain.exclusions import exclusion_reason, read_exclusions
+from retrain.images import FORMATS, ImageError, decode_image, sniff_image
+from retrain.limits import MAX_IMAGE_PIXELS
+from retrain.paths import SPLITS
+from retrain.phash import connected_groups, near_pairs, perceptual_hashes
 
-SPLITS = ("train", "validation", "test")
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (~89 MP)
 # retrain.py's constant: the hash is taken modulo this + 1 and scaled to [0, 100].
 _MAX_NUM_IMAGES_PER_CLASS = 2**27 - 1
-# What tf.io.decode_image reads (MPO is a multi-picture JPEG from cameras; it decodes as JPEG).
-_DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"}
+_DECODABLE_FORMATS = set(FORMATS)  # what the decoder reads
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def class_names(root: Path) -> list[str]:
     if not root.is_dir():
         raise RetrainError(f"{root} is not a folder; run the download stage first (dvc repro download)")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    for name in names:  # a class name must survive labels.txt (one a line) and every CSV
+        layouts.check_label(name, f"class folder in {root}", "rename the folder (one line, UTF-8, no control characters)")
     if not names:
         raise RetrainError(
             f"no class folders in {root}: put the images in one folder per class, e.g. {root}/daisy/1.jpg"
@@ -101,7 +104,7 @@ def class_names(root: Path) -> list[str]:
 
 
 def scan_dataset(
-    root: Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, workers: int | None = None
+    root: Path, *, max_image_pixels: int = MAX_IMAGE_PIXELS, workers: int | None = None
 ) -> tuple[list[ImageRow], list[Rejection]]:
     """Check every file under each class folder of `root`; return (usable images, rejections).
 
@@ -133,7 +136,7 @@ def check_files(
     candidates: list[tuple[Path, str]],
     rejected: list[Rejection],
     *,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
     workers: int | None = None,
 ) -> tuple[list[ImageRow], list[Rejection]]:
     """Read and decode every candidate; return (usable images, `rejected` plus the failures)."""
@@ -161,6 +164,8 @@ def write_split(
     min_images_per_class: int,
     duplicates_csv: Path | None = None,
     official: dict[Path, str] | None = None,
+    lookalikes: list[tuple[Path, Path, int]] = (),
+    near_duplicates_csv: Path | None = None,
 ) -> dict[str, int]:
     """Write rejected.csv (path,reason), check every class, then write split.csv and duplicates.csv.
 
@@ -171,6 +176,8 @@ def write_split(
     explains a class that comes up short: a class with fewer than min_images_per_class usable
     images raises RetrainError and split.csv is not written. Returns the number of images per
     split, of rejections, of duplicates (files whose content an earlier file has) and of those moved.
+    `lookalikes`, (path, path, hash distance) pairs of photos that look alike (`retrain.phash`),
+    join groups the same way; near_duplicates.csv (default beside split.csv) lists their groups.
     """
     relative = functools.partial(_relative_posix, base_dir=Path(base_dir))
     _write_csv(rejected_csv, ["path", "reason"], sorted((relative(r.path), r.reason) for r in rejected))
@@ -188,39 +195,77 @@ def write_split(
     table = sorted(
         (relative(row.path), row.label, official.get(row.path) or split_of(row.path.name), row.sha256) for row in rows
     )
-    table, duplicates = keep_duplicates_together(table)
+    lookalikes = [(relative(a), relative(b), distance) for a, b, distance in lookalikes]
+    unmoved = {path: split for path, _, split, _ in table}
+    table, duplicates = keep_duplicates_together(table, lookalikes)
+    if table and not any(split == "test" for _, _, split, _ in table):
+        # Evaluate and export have nothing to measure: stop here, not with a traceback three stages on.
+        raise RetrainError(
+            f"the test split would be empty ({len(table)} images, data.testing_percentage={testing_percentage}; "
+            "the split follows file names, and repeated names share one): raise data.testing_percentage or add images"
+        )
     _write_csv(split_csv, ["path", "label", "split", "sha256"], table)
     _write_csv(duplicates_csv or Path(split_csv).with_name("duplicates.csv"), DUPLICATES_HEADER, duplicates)
+    near = _near_duplicate_rows(table, lookalikes, unmoved)
+    _write_csv(near_duplicates_csv or Path(split_csv).with_name("near_duplicates.csv"), NEAR_DUPLICATES_HEADER, near)
     totals = Counter(split for _, _, split, _ in table)
     return {
         **{split: totals[split] for split in SPLITS},
         "rejected": len(rejected),
         "duplicates": len(duplicates) - len({sha for *_, sha, _ in duplicates}),
         "duplicates_moved": sum(1 for *_, moved_from in duplicates if moved_from),
+        "near_duplicates": len(near) - len({row[3] for row in near}),
+        "near_duplicates_moved": sum(1 for *_, moved_from in near if moved_from),
     }
 
 
 DUPLICATES_HEADER = ["path", "label", "split", "sha256", "moved_from"]
 
 
-def keep_duplicates_together(table: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+def keep_duplicates_together(table: list[tuple], lookalikes=()) -> tuple[list[tuple], list[tuple]]:
     """Put every group of rows with one sha256 in the split of its first row (table is path-sorted).
 
+    `lookalikes`: (path, path, ...) pairs that belong together too (near-duplicates): a group is
+    then every row linked to another by content or by a pair, and goes where its first path goes.
     Returns (the table with splits fixed, one duplicates.csv row per member of a group of two or
-    more: path, label, split, sha256, and the split the rule gave it if it moved, else "").
-    Adding a file never moves a group unless the new file sorts first in its group.
+    more identical files: path, label, split, sha256, and the split the rule gave it if it moved,
+    else ""). Adding a file never moves a group unless the new file sorts first in its group.
     """
-    groups = defaultdict(list)
-    for row in table:
-        groups[row[3]].append(row)
-    target = {sha: members[0][2] for sha, members in groups.items()}
-    fixed = [(path, label, target[sha], sha) for path, label, _, sha in table]
+    first = _groups(table, lookalikes)
+    fixed = [(path, label, table[first[index]][2], sha) for index, (path, label, _, sha) in enumerate(table)]
+    copies = Counter(row[3] for row in table)
     duplicates = [
-        (path, label, target[sha], sha, "" if split == target[sha] else split)
-        for path, label, split, sha in table
-        if len(groups[sha]) > 1
+        (path, label, target, sha, "" if split == target else split)
+        for (path, label, split, sha), (_, _, target, _) in zip(table, fixed)
+        if copies[sha] > 1
     ]
     return fixed, sorted(duplicates, key=lambda row: (row[3], row[0]))  # groups together
+
+
+NEAR_DUPLICATES_HEADER = ["path", "label", "split", "group", "moved_from"]
+
+
+def _groups(table: list[tuple], lookalikes) -> list[int]:
+    """Each row's group as the index of its first row: rows linked by sha256 or by a lookalike pair."""
+    position = {row[0]: index for index, row in enumerate(table)}
+    seen = {}
+    links = [(seen.setdefault(row[3], index), index) for index, row in enumerate(table)]
+    links += [(position[a], position[b]) for a, b, *_ in lookalikes]
+    return connected_groups(len(table), links)  # a group's smallest index is its first path: the table is sorted
+
+
+def _near_duplicate_rows(fixed: list[tuple], lookalikes, unmoved: dict[str, str]) -> list[tuple]:
+    """near_duplicates.csv: each photo in a group that a lookalike pair joined (path, label, split,
+    the group's first path, and the split the rule gave it if the group moved it, else "")."""
+    first = _groups(fixed, lookalikes)
+    position = {row[0]: index for index, row in enumerate(fixed)}
+    joined = {first[position[a]] for a, *_ in lookalikes}
+    rows = [
+        (path, label, split, fixed[first[index]][0], "" if unmoved[path] == split else unmoved[path])
+        for index, (path, label, split, _) in enumerate(fixed)
+        if first[index] in joined
+    ]
+    return sorted(rows, key=lambda row: (row[3], row[0]))
 
 
 def split_dataset(
@@ -232,19 +277,30 @@ def split_dataset(
     validation_percentage: float,
     testing_percentage: float,
     min_images_per_class: int,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
     duplicates_csv: Path | None = None,
     layout: str = "folders",
     labels: str | None = None,
     split: str = "hash",
+    exclude: Path | None = None,
+    near_duplicate_distance: int | None = None,
+    near_duplicates_csv: Path | None = None,
 ) -> dict[str, int]:
     """The split stage: list and check `root`, write rejected.csv, split.csv and duplicates.csv.
 
     layout "folders" (labels: a CSV in root, or None for class folders) or "oxford102"; split
-    "hash" (retrain.py's rule) or "official" (the dataset's own, oxford102 only). Returns the counts.
+    "hash" (retrain.py's rule) or "official" (the dataset's own, oxford102 only). `exclude`: a
+    path,reason CSV (`retrain.exclusions`) of photos to leave out, listed in rejected.csv.
+    near_duplicate_distance: photos whose perceptual hashes differ in at most this many bits
+    share a split (None: only identical files do). Returns the counts.
     """
     listing = list_dataset(root, layout=layout, labels=labels, official_split=split == "official")
-    rows, rejected = check_files(listing.candidates, listing.rejected, max_image_pixels=max_image_pixels)
+    candidates, rejected = _without_excluded(listing.candidates, listing.rejected, exclude, Path(base_dir))
+    rows, rejected = check_files(candidates, rejected, max_image_pixels=max_image_pixels)
+    lookalikes = []
+    if near_duplicate_distance is not None:
+        hashes = perceptual_hashes([row.path for row in rows])
+        lookalikes = [(rows[i].path, rows[j].path, d) for i, j, d in near_pairs(hashes, near_duplicate_distance)]
     return write_split(
         rows,
         rejected,
@@ -257,7 +313,34 @@ def split_dataset(
         min_images_per_class=min_images_per_class,
         duplicates_csv=duplicates_csv,
         official=listing.official,
+        lookalikes=lookalikes,
+        near_duplicates_csv=near_duplicates_csv,
     )
+
+
+def _without_excluded(candidates: list, rejected: list, exclude: Path | None, base_dir: Path) -> tuple[list, list]:
+    """Move the candidates that the exclusion CSV names (paths relative to base_dir) to rejected.
+
+    A listed path that matches no candidate is an error: a typo would otherwise leave in a photo
+    someone decided to take out.
+    """
+    if exclude is None:
+        return candidates, rejected
+    excluded = read_exclusions(exclude)
+    kept, rejected = [], list(rejected)
+    for path, label in candidates:
+        reason = excluded.pop(_relative_posix(path, base_dir), None)
+        if reason is None:
+            kept.append((path, label))
+        else:
+            rejected.append(Rejection(path, exclusion_reason(exclude, reason)))
+    if excluded:
+        unknown = sorted(excluded)
+        raise RetrainError(
+            f"{exclude}: {len(unknown)} path{'s' * (len(unknown) != 1)} match no image of the dataset (first: {unknown[0]}); "
+            "paths are as split.csv writes them (e.g. data/raw/<name>/<class>/<image>): fix or remove those lines"
+        )
+    return kept, rejected
 
 
 # --- walking -----------------------------------------------------------------------------------
@@ -318,12 +401,29 @@ def _walk_class(folder: Path, label: str, candidates: list, rejected: list) -> N
         for name in sorted(dirnames):
             if _is_hidden(name):
                 rejected.append(Rejection(Path(dirpath, name), "hidden folder, skipped"))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            elif not _is_utf8(name):
+                rejected.append(Rejection(Path(dirpath, _shown(name)), "folder name is not valid UTF-8, skipped; rename it"))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and _is_utf8(d))
         for name in sorted(filenames):
             if _is_hidden(name):
                 rejected.append(Rejection(Path(dirpath, name), "hidden file, skipped"))
+            elif not _is_utf8(name):  # it could be written to no CSV: named with \x escapes instead
+                rejected.append(Rejection(Path(dirpath, _shown(name)), "file name is not valid UTF-8, skipped; rename it"))
             else:
                 candidates.append((Path(dirpath, name), label))
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name in another encoding (os.listdir gives its bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _folder_id(path) -> tuple[int, int]:
@@ -367,31 +467,9 @@ def rejection_reason(data: bytes, max_image_pixels: int) -> str | None:
             f"over the {max_image_pixels / 1e6:.0f} MP limit (data.max_image_pixels)"
         )
     try:
-        _decoded_shape()(tf.constant(data))
-    except tf.errors.OpError:
+        decode_image(data, max_image_pixels)
+    except ImageError:
         return f"truncated {fmt}" if _looks_truncated(fmt, data) else f"corrupt {fmt} (cannot be decoded)"
-    return None
-
-
-def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
-    """(PIL format, (width, height)) from the header alone, or None if no plugin recognises it.
-
-    Image.open would do this but applies PIL's global decompression-bomb limit; this is its
-    format loop without that check, so the caller's pixel limit alone decides and nothing is
-    decoded. `retrain predict` checks files with it too.
-    """
-    Image.init()
-    prefix = data[:16]
-    for fmt in Image.ID:
-        factory, accept = Image.OPEN[fmt]
-        try:
-            accepted = accept(prefix) if accept else True
-            if not accepted or isinstance(accepted, str):  # a str is PIL's "almost, but no"
-                continue
-            image = factory(io.BytesIO(data), None)
-            return fmt, image.size
-        except Exception:  # any bytes can arrive here: a plugin that chokes on them just says no
-            continue
     return None
 
 
@@ -420,14 +498,6 @@ def _looks_truncated(fmt: str, data: bytes) -> bool:
     if fmt == "PNG":
         return b"IEND" not in tail
     return False
-
-
-@functools.cache
-def _decoded_shape():
-    """decode_image as one compiled function that returns only the shape (no pixels copied out)."""
-    return tf.function(
-        lambda contents: tf.shape(decode_image(contents)), input_signature=[tf.TensorSpec([], tf.string)]
-    )
 
 
 # --- writing -----------------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 Written with MediaPipe's metadata writers (`mediapipe.tasks.python.metadata.metadata_writers`,
 what MediaPipe Model Maker uses), so MediaPipe's `ImageClassifier` on a phone or in Python loads
 our files as they are and names classes with `category_name`. Read back with MediaPipe's
-`MetadataDisplayer`, so `retrain predict` on a .tflite takes its labels and normalisation from the
-file, as any client would. mediapipe is imported only here and only when called: it is large.
+metadata (`read_metadata`, without importing mediapipe's package, which imports TensorFlow), so
+`retrain predict` on a .tflite takes its labels and normalisation from the file, as any client
+would. mediapipe's writers are imported only here and only when called: they are large.
 """
 
+import functools
 import importlib.util
-import json
+import io
 import sys
 import types
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,20 +80,51 @@ def write_metadata(model: bytes, labels: list[str]) -> bytes:
 
 
 def read_metadata(model: bytes, source: str) -> TfliteMetadata:
-    """Labels and normalisation from a .tflite file's metadata; one line naming `source` when absent."""
-    _import_mediapipe()
-    from mediapipe.tasks.python.metadata import metadata
+    """Labels and normalisation from a .tflite file's metadata; one line naming `source` when absent.
 
+    Read without importing mediapipe (whose package imports TensorFlow when installed, 4-5 s): the
+    labels file is a zip member appended to the model, as the metadata populator packs it, and the
+    normalisation comes from the metadata flatbuffer, parsed with the generated schema modules of
+    ai-edge-litert (the model) and mediapipe (the metadata) loaded on their own.
+    """
     try:
-        displayer = metadata.MetadataDisplayer.with_model_buffer(bytearray(model))
-    except ValueError:
+        with zipfile.ZipFile(io.BytesIO(model)) as packed:
+            labels = packed.read("labels.txt").decode("utf-8").split("\n")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
         raise RetrainError(f"{source}: no TFLite metadata (labels) in this file; export it with `dvc repro export`") from None
-    if "labels.txt" not in displayer.get_packed_associated_file_list():
-        raise RetrainError(f"{source}: its TFLite metadata embeds no labels.txt; export it with `dvc repro export`")
-    labels = displayer.get_associated_file_buffer("labels.txt").decode("utf-8").splitlines()
-    (tensor,) = json.loads(displayer.get_metadata_json())["subgraph_metadata"][0]["input_tensor_metadata"]
-    options = next(
-        (unit["options"] for unit in tensor.get("process_units", []) if unit["options_type"] == "NormalizationOptions"),
-        {"mean": [PIXEL_MEAN], "std": [PIXEL_STD]},
-    )
-    return TfliteMetadata(labels, tuple(map(float, options["mean"])), tuple(map(float, options["std"])))
+    labels = labels[:-1] if labels and labels[-1] == "" else labels
+    mean, std = _normalisation(model)
+    return TfliteMetadata(labels, mean, std)
+
+
+def _normalisation(model: bytes) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the input's NormalizationOptions; this project's (0, 255) when there are none."""
+    from ai_edge_litert import schema_py_generated as model_schema
+
+    schema = _metadata_schema()
+    root = model_schema.Model.GetRootAs(model, 0)
+    for i in range(root.MetadataLength()):
+        if root.Metadata(i).Name() == b"TFLITE_METADATA":
+            buffer = root.Buffers(root.Metadata(i).Buffer())
+            data = (model[buffer.Offset():buffer.Offset() + buffer.Size()] if buffer.Offset() > 1
+                    else buffer.DataAsNumpy().tobytes())
+            metadata = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(data, 0))
+            (tensor, *_) = metadata.subgraphMetadata[0].inputTensorMetadata
+            for unit in tensor.processUnits or []:
+                if unit.optionsType == schema.ProcessUnitOptions.NormalizationOptions:
+                    return tuple(map(float, unit.options.mean)), tuple(map(float, unit.options.std))
+    return (PIXEL_MEAN,), (PIXEL_STD,)
+
+
+@functools.cache
+def _metadata_schema():
+    """mediapipe's generated metadata schema module (pure flatbuffers code), loaded from its file
+    without running the mediapipe package's __init__."""
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
+        raise RetrainError("reading TFLite metadata needs mediapipe, which is not installed: pip install mediapipe==1.2.3")
+    path = Path(spec.submodule_search_locations[0]) / "tasks" / "metadata" / "metadata_schema_py_generated.py"
+    loader = importlib.util.spec_from_file_location("retrain_tflite_metadata_schema", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module

@@ -27,7 +27,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from pathlib import Path
 
 from retrain import paths
 from retrain.errors import RetrainError
+from retrain.urls import redact_text, redact_url
 
 # DVC runs them in this order (dvc.yaml's DAG, topologically sorted).
-STAGES = ("download", "split", "bottlenecks", "train", "finetune", "evaluate", "export")
+STAGES = ("download", "split", "bottlenecks", "data_report", "train", "finetune", "evaluate", "export")
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI's model-training view (not GenAI)
 
 # A dead tracking server must fail a stage within seconds, not after MLflow's default 7 retries
@@ -77,15 +77,38 @@ def _store_lock():
 
     MLflow's tracking store creates and migrates a new database's tables without a lock, so two
     workers opening a fresh mlflow.db at once fail ("duplicate column name"). The lock file lives in
-    the temp folder, not beside mlflow.db, so it never shows up in `git status`.
+    the project, in mlartifacts/ beside the store it guards (git-ignored, so never in `git status`),
+    not in the shared temp folder, where another user could hold it or point it elsewhere.
     """
     if not _is_default_store():
         yield
         return
-    digest = hashlib.sha256(tracking_uri().encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"retrain-mlflow-{digest}.lock", "a") as handle:
+    folder = project_root() / "mlartifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".mlflow.db.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even if we crash
+        database = project_root() / "mlflow.db"
+        if not database.exists():  # the owner's alone: it holds params, tags and dataset sources
+            os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
         yield
+
+
+def shown_uri() -> str:
+    """The tracking URI as it may be printed or stored: without a password or token."""
+    return redact_url(tracking_uri())
+
+
+def filter_string(value: str) -> str:
+    """`value` as a quoted string literal of an MLflow search filter.
+
+    MLflow's filter grammar has no escape inside a literal, so a value holding ' is quoted with ";
+    one holding both quote characters cannot be searched for (ValueError).
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters")
 
 
 def use_experiment(name: str) -> str:
@@ -94,6 +117,8 @@ def use_experiment(name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri())
+    if shown_uri() != tracking_uri():  # MLflow prints "View run at <the URI as given>" into the stage log
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     with _store_lock():
         client = mlflow.MlflowClient()  # opening a new SQLite store creates its tables
         for _ in range(3):
@@ -108,7 +133,7 @@ def use_experiment(name: str) -> str:
                                                 tags={"mlflow.experimentKind": EXPERIMENT_KIND})
             except MlflowException:
                 continue  # on a server, another worker created it between our look and our create
-    raise RetrainError(f"MLflow experiment '{name}' could not be created in {tracking_uri()}")
+    raise RetrainError(f"MLflow experiment '{name}' could not be created in {shown_uri()}")
 
 
 def execution_key() -> str:
@@ -165,7 +190,7 @@ def source_tags() -> dict[str, str]:
         tags["mlflow.source.git.branch"] = branch
     remote = _git("remote", "get-url", "origin")
     if remote:
-        tags["mlflow.source.git.repoURL"] = remote
+        tags["mlflow.source.git.repoURL"] = redact_url(remote)  # https://user:token@… is common
     return tags
 
 
@@ -182,7 +207,10 @@ def fail_stale_runs(experiment_id: str) -> list[str]:
     client = mlflow.MlflowClient()
     host = socket.gethostname()
     stale = []
-    query = f"attributes.status = 'RUNNING' and tags.`retrain.host` = '{host}'"
+    try:
+        query = f"attributes.status = 'RUNNING' and tags.`retrain.host` = {filter_string(host)}"
+    except ValueError:
+        return []  # a host name no filter can hold: leave stale runs to the UI
     for run in client.search_runs([experiment_id], query, max_results=1000):
         pid = run.data.tags.get("retrain.pid", "")
         if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
@@ -238,7 +266,10 @@ class StageRun:
 def _find_or_create_run(client, experiment_id: str, key: str, params: dict):
     from mlflow.entities import Param, RunTag
 
-    query = f"tags.`retrain.execution` = '{key}'"
+    try:
+        query = f"tags.`retrain.execution` = {filter_string(key)}"
+    except ValueError:
+        raise RetrainError(f"RETRAIN_EXECUTION {key!r}: holds both ' and \"; name the execution without quotes") from None
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
         return found[0]
@@ -257,10 +288,13 @@ def _params_hash(params: dict) -> str:
 
 def read_provenance(stage: str, root: Path = Path(".")) -> dict | None:
     """data/runs/<stage>.json: the run that produced the stage's current outputs, or None."""
+    from retrain.small_files import read_capped_text
+
     try:
-        return json.loads((root / paths.RUNS_DIR / f"{stage}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(read_capped_text(root / paths.RUNS_DIR / f"{stage}.json", what="provenance file"))
+    except (FileNotFoundError, json.JSONDecodeError, RecursionError):
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("run_id"), str) else None
 
 
 def _record_reused(stage_run: StageRun, current: str, tags: dict[str, str]) -> None:
@@ -339,7 +373,7 @@ def stage_run(stage: str, params, log_datasets: bool | None = None):
         if log_datasets is None:
             log_datasets = STAGES.index(stage) > STAGES.index("split") and not run.inputs.dataset_inputs
         if log_datasets and paths.SPLIT_CSV.exists():
-            log_dataset_inputs(paths.SPLIT_CSV, params.data.url)
+            log_dataset_inputs(paths.SPLIT_CSV, redact_url(params.data.url))
         yield handle
         handle.set_tags({f"{stage}.process_seconds": round(time.time() - _started(), 2)})  # where sweep time goes
         _write_provenance(handle, params.tracking.experiment)
@@ -371,9 +405,14 @@ def _end_quietly(status) -> None:
         pass
 
 
+def store_error(error: Exception) -> RetrainError:
+    """An MLflow failure as one line naming the store (credentials removed)."""
+    return _unreachable(error)
+
+
 def _unreachable(error: Exception) -> RetrainError:
-    message = getattr(error, "message", None) or str(error)
-    return RetrainError(f"MLflow tracking store {tracking_uri()} failed ({message.splitlines()[0][:200]}); "
+    message = redact_text(getattr(error, "message", None) or str(error)).strip() or type(error).__name__
+    return RetrainError(f"MLflow tracking store {shown_uri()} failed ({message.splitlines()[0][:200]}); "
                         "start it or unset MLFLOW_TRACKING_URI, then rerun `dvc repro`: finished outputs are kept")
 
 
@@ -382,7 +421,7 @@ def _write_provenance(handle: StageRun, experiment: str) -> None:
 
     paths.RUNS_DIR.mkdir(parents=True, exist_ok=True)
     record = {"stage": handle.stage, "run_id": handle.run_id, "run_name": handle.run_name,
-              "experiment": experiment, "tracking_uri": tracking_uri(),
+              "experiment": experiment, "tracking_uri": shown_uri(),
               "tags": handle.tags, "metrics": handle.metrics}
     with atomic_file(paths.RUNS_DIR / f"{handle.stage}.json") as temp:
         temp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -401,10 +440,13 @@ def find_run(target: str, experiment: str):
         target = provenance["run_id"]
     if len(target) == 32 and all(c in "0123456789abcdef" for c in target):
         return client.get_run(target)
-    found = client.search_runs([experiment_id], f"attributes.run_name = '{target}'", order_by=["attributes.start_time DESC"],
-                               max_results=1)
+    try:
+        found = client.search_runs([experiment_id], f"attributes.run_name = {filter_string(target)}",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    except ValueError:
+        found = []  # both quote characters: no DVC experiment is named so
     if not found:
-        raise RetrainError(f"no MLflow run named '{target}' in experiment '{experiment}' at {tracking_uri()}; "
+        raise RetrainError(f"no MLflow run named {target!r} in experiment '{experiment}' at {shown_uri()}; "
                            "give a DVC experiment name (`dvc exp show`), a run id, or `workspace`")
     return found[0]
 

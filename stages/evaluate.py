@@ -11,9 +11,9 @@ import numpy as np
 
 from retrain import paths, tracking
 from retrain.errors import exit_on_error
-from retrain.evaluation import evaluate_predictions, mlflow_metrics
+from retrain.evaluation import calibration_bins, evaluate_predictions, expected_calibration_error, mlflow_metrics
 from retrain.features import load_labels, load_split_arrays
-from retrain.head import load_head
+from retrain.head import load_head, softmax
 from retrain.params import load_params
 from retrain.tensorboard_logs import TensorBoard
 from retrain.reports import top_misclassified, write_reports
@@ -23,8 +23,13 @@ def evaluate():
     params = load_params()
     labels = load_labels(paths.FINETUNE_DIR)
     x_test, y_test, test_paths = load_split_arrays(paths.FINETUNE_DIR, "test")
-    probabilities = load_head(paths.FINETUNE_HEAD).predict(x_test, batch_size=256, verbose=0)
+    logits = load_head(paths.FINETUNE_HEAD).logits(x_test)
+    probabilities = softmax(logits)
     metrics = evaluate_predictions(y_test, probabilities, labels, params.evaluate.top_k)
+    # The head is calibrated (finetune folds a temperature into it): the ECE it had before, for comparison.
+    temperature = json.loads(paths.FINETUNE_JSON.read_text()).get("temperature", 1.0)
+    metrics["ece_uncalibrated"] = expected_calibration_error(calibration_bins(y_test, softmax(logits * temperature)))
+    metrics["temperature"] = temperature
     paths.EVALUATE_DIR.mkdir(parents=True, exist_ok=True)
     paths.METRICS.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     np.savez(paths.PREDICTIONS, probabilities=probabilities, labels=y_test, paths=np.array(test_paths, dtype=str))

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-import retrain
 from retrain import paths, tracking
 from retrain.backbones import load_backbone
 from retrain.errors import RetrainError, exit_on_error
-from retrain.export import build_classifier, check_accuracy, check_reproduces, load_model, save_classifier
 from retrain.features import load_labels
-from retrain.head import dense_layers, load_head
+from retrain.head import load_head
 from retrain.model_input import backbone_spec
 from retrain.params import load_params
-from retrain.tflite_variants import export_variants, train_image_paths
+from retrain.pyfunc import pyfunc_model
+from retrain.tf.export import build_classifier, check_accuracy, check_reproduces, load_model, save_classifier
+from retrain.tf.tflite_convert import export_variants
+from retrain.tflite_variants import train_image_paths
 
 
 def export():
@@ -30,7 +31,7 @@ def export():
     name, size = backbone_spec(paths.FINETUNE_DIR)
     backbone = load_backbone(name, image_size=size)
     labels = load_labels(paths.FINETUNE_DIR)
-    classifier = build_classifier(backbone, dense_layers(load_head(paths.FINETUNE_HEAD)), labels, params.export.top_k)
+    classifier = build_classifier(backbone, load_head(paths.FINETUNE_HEAD), labels, params.export.top_k)
     save_classifier(classifier, paths.MODEL_DIR, params.export.tflite)
     with np.load(paths.PREDICTIONS, allow_pickle=False) as predictions:
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]
@@ -47,13 +48,16 @@ def export():
         # Charts grouped under tflite/: <variant>_accuracy, _size_bytes, _latency_ms; whether written is a tag.
         run.log_metrics({k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")})
         run.set_tags({k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")})
-        model_uri = _log_model(test_paths[0])
-        run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
+        if params.export.tflite:  # the served MLflow model runs model.tflite
+            model_uri = _log_model(test_paths[0], labels, params.export.top_k)
+            run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
+        else:
+            model_uri = "not logged (export.tflite: false; the MLflow model serves model.tflite)"
     print(f"exported to {paths.MODEL_DIR}/ (reproduces evaluate within {worst:.1e}); MLflow model {model_uri}; "
           f"register it with `retrain promote {run.run_name} --alias champion`")
 
 
-def _log_model(example_image: str) -> str:
+def _log_model(example_image: str, labels: list[str], top_k: int) -> str:
     import mlflow
     import pandas as pd
 
@@ -67,14 +71,8 @@ def _log_model(example_image: str) -> str:
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
                         ColSpec(Array("string"), "top_k_labels"), ColSpec(Array("double"), "top_k_probabilities")]),
     )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(retrain.__file__).parent / "mlflow_model.py"),
-        artifacts={"saved_model": str(paths.MODEL_DIR / "saved_model")},
-        input_example=example,
-        signature=signature,
-        pip_requirements=["tensorflow-cpu==2.21.0", f"mlflow=={mlflow.__version__}", "pandas"],
-    )
+    info = mlflow.pyfunc.log_model(name="model", input_example=example, signature=signature,
+                                   **pyfunc_model(paths.MODEL_DIR, labels, top_k))
     return info.model_uri
 
 

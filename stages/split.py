@@ -25,6 +25,9 @@ def split():
         testing_percentage=params.data.testing_percentage,
         min_images_per_class=params.data.min_images_per_class,
         max_image_pixels=params.data.max_image_pixels,
+        exclude=Path(params.data.exclude) if params.data.exclude else None,
+        near_duplicate_distance=params.data.near_duplicate_distance,
+        near_duplicates_csv=paths.NEAR_DUPLICATES_CSV,
     )
     with tracking.stage_run("split", params, log_datasets=True) as run:
         run.set_tags({f"split.{name}": n for name, n in counts.items()})

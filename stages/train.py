@@ -10,9 +10,10 @@ from retrain import paths, tracking
 from retrain.augment import load_views_array
 from retrain.errors import exit_on_error
 from retrain.features import load_labels, load_split_arrays
-from retrain.head import save_head, train_head
+from retrain.head import save_head
 from retrain.params import load_params
 from retrain.tensorboard_logs import TensorBoard
+from retrain.tf.head_training import to_head, train_head
 
 
 def train():
@@ -24,7 +25,7 @@ def train():
     x_train, y_train = np.concatenate([x_train, x_views]), np.concatenate([y_train, y_views])
     head_params, search = params.train, None
     if params.train.search.trials:
-        from retrain.search import search_head
+        from retrain.tf.search import search_head
 
         search = search_head((x_train, y_train), (x_val, y_val), len(labels), params.train, params.seed)
         head_params = params.train.model_copy(update=search.best_params)
@@ -33,7 +34,7 @@ def train():
     model, history = train_head((x_train, y_train), (x_val, y_val), len(labels), head_params, params.seed,
                                 on_epoch=lambda epoch, logs, m: _progress(weights, epoch, logs, m, head_params.epochs))
     seconds = time.perf_counter() - started
-    save_head(model, paths.HEAD)
+    save_head(to_head(model), paths.HEAD)
     _write_history(history)
     _write_search(search)
     with tracking.stage_run("train", params) as run:

@@ -129,19 +129,19 @@ COLOURS = {"blue": (30, 40, 230), "green": (20, 200, 40), "red": (230, 20, 20)}
 
 @pytest.fixture(scope="session")
 def colour_classifier(tmp_path_factory, tiny_backbone):
-    """A `retrain.export.Classifier` (tiny backbone + trained head) that tells COLOURS apart.
+    """A `retrain.tf.export.Classifier` (tiny backbone + trained head) that tells COLOURS apart.
 
     Returns {"classifier", "labels", "paths": its 30 training images, "expected": the head's
     probabilities on them}; shared by the export, predict and TFLite tests.
     """
     import numpy as np
 
+    from default_params import default_params
     from imagegen import image_bytes
     from retrain.backbones import load_backbone
-    from retrain.export import build_classifier
     from retrain.features import Example, FeatureCache, compute_features
-    from retrain.head import dense_layers, train_head
-    from retrain.params import load_params
+    from retrain.tf.export import build_classifier
+    from retrain.tf.head_training import to_head, train_head
 
     folder = tmp_path_factory.mktemp("colour-train")
     backbone = load_backbone(str(tiny_backbone))
@@ -155,18 +155,18 @@ def colour_classifier(tmp_path_factory, tiny_backbone):
     compute_features(examples, backbone, cache, batch_size=8)
     x = np.stack([cache.get(e.sha256) for e in examples])
     y = np.array([list(COLOURS).index(e.label) for e in examples])
-    params = load_params().train.model_copy(update={"learning_rate": 0.05, "epochs": 60})
+    params = default_params(**{"train.learning_rate": 0.05, "train.epochs": 60}).train
     head, _ = train_head((x, y), (x, y), 3, params, seed=0)
-    classifier = build_classifier(backbone, dense_layers(head), list(COLOURS), top_k=2)
+    classifier = build_classifier(backbone, to_head(head), list(COLOURS), top_k=2)
     return {"classifier": classifier, "labels": list(COLOURS), "paths": [e.path for e in examples],
-            "expected": head.predict(x, verbose=0)}
+            "expected": to_head(head).probabilities(x)}
 
 
 @pytest.fixture(scope="session")
 def colour_model_dir(tmp_path_factory, colour_classifier) -> Path:
     """colour_classifier as export writes it: saved_model/, labels.txt, model.tflite. Read-only:
     a test that adds files copies it first."""
-    from retrain.export import save_classifier
+    from retrain.tf.export import save_classifier
 
     out = tmp_path_factory.mktemp("colour-export") / "model"
     save_classifier(colour_classifier["classifier"], out, tflite=True)

@@ -1,8 +1,10 @@
-"""Helpers for tests that run the real pipeline in a throwaway git + DVC project.
+"""The one helper that builds a throwaway git + DVC project, for tests and benchmarks alike.
 
-`make_project` copies this repo's dvc.yaml, params.yaml, stages/ and retrain/ into a temporary
-repo; `run` runs a command there with this venv's tools on PATH; `serve_folder` serves archives
-on loopback. Tests pass every param they depend on through `set_params`.
+`make_project` copies this repo's dvc.yaml, stages/ and retrain/ into a temporary repo and writes
+the tests' own params (tests/default_params.py), never the workspace's params.yaml; `run` runs a
+command there with this venv's tools on PATH; `serve_folder` serves archives on loopback;
+`wait_for_queue` waits for `dvc queue` to drain. Tests pass every param they depend on through
+`set_params`.
 """
 
 import functools
@@ -12,10 +14,12 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
 
+from default_params import apply_changes, write_params
 from imagegen import make_tgz
 from retrain.download import file_sha256
 
@@ -61,11 +65,21 @@ def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def set_params(root: Path, **changes) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
+    """Change dotted keys (`train.search.trials`) in the project's params.yaml."""
+    params = apply_changes(yaml.safe_load((root / "params.yaml").read_text()), changes)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def wait_for_queue(root: Path, timeout: float = 600) -> str:
+    """`dvc queue status` once nothing is queued or running; AssertionError if still busy after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(root, "dvc", "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+        time.sleep(3)
 
 
 def publish(images: Path, served: Path) -> str:
@@ -75,11 +89,11 @@ def publish(images: Path, served: Path) -> str:
 
 def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
     """A git + DVC repo holding this project's pipeline, pointed at the served archive."""
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "exclusions.csv"):  # what a clone has beside the code
         shutil.copy(REPO / name, root / name)
     for folder in ("stages", "retrain"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(root, **{
+    write_params(root, **{
         "data.url": url, "data.sha256": sha, "data.testing_percentage": 25,
         "data.validation_percentage": 20, "backbone.name": str(backbone),
         "train.learning_rate": 0.05, "train.epochs": 40, "train.early_stopping_patience": 10,

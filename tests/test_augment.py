@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from imagegen import split_examples
-from retrain.augment import augment_image, compute_views, params_digest, view_seed, write_views_array
+from retrain.augment import compute_views, params_digest, view_seed, write_views_array
+from retrain.tf.augment import augment_image
 from retrain.backbones import load_backbone
 from retrain.features import FeatureCache, compute_features, load_split_arrays, write_split_arrays
 from retrain.params import AugmentParams

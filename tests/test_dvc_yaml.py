@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from retrain import paths
+from retrain.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -113,6 +115,171 @@ def test_every_stage_records_its_provenance():
 
 
 def test_the_checker_sees_indirect_imports():
-    # export imports retrain.export, which imports retrain.images: the closure must contain both.
+    # export imports retrain.tf.export, which imports retrain.tf.graph_images: the closure must contain both.
     files = {str(f.relative_to(REPO)) for f in code_of(REPO / "stages" / "export.py")}
-    assert {"retrain/export.py", "retrain/images.py", "retrain/tracking.py", "retrain/__init__.py"} <= files
+    assert {"retrain/tf/export.py", "retrain/tf/graph_images.py", "retrain/tracking.py", "retrain/__init__.py"} <= files
+
+
+# --- params: each stage declares every params.<section>.<key> it reads ---------------------------
+#
+# A read is an attribute chain on the params object (`params.export.top_k`, `params.seed`), found
+# in every module of the stage's closure that calls load_params(). A whole section handed to a
+# retrain function (`Limits.of(params.data)`) counts as the keys that function reads from it;
+# handed anywhere else, or copied (`params.train.model_copy(...)`), as the whole section.
+# tracking's calls are exempt: it logs every param and reads tracking.experiment (where the run
+# goes) and data.url (the dataset input it records), none of them an input of the stage's outputs.
+
+EXEMPT_MODULES = {"tracking"}
+
+
+def _nested_model(model, field: str):
+    annotation = model.model_fields[field].annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _chain(node) -> tuple[str, list[str]] | None:
+    """(root name, attributes) of `a.b.c`, or None when the chain does not start at a plain name."""
+    attrs = []
+    while isinstance(node, ast.Attribute):
+        attrs.insert(0, node.attr)
+        node = node.value
+    return (node.id, attrs) if isinstance(node, ast.Name) else None
+
+
+class _Module:
+    """One retrain module or stage script: its functions, classes' methods and imported names."""
+
+    def __init__(self, file: Path):
+        self.file, self.tree = file, ast.parse(file.read_text())
+        self.functions = {n.name: n for n in self.tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for cls in (n for n in self.tree.body if isinstance(n, ast.ClassDef)):
+            self.functions.update({f"{cls.name}.{n.name}": n for n in cls.body if isinstance(n, ast.FunctionDef)})
+        self.imports = {}  # local name -> (module file, name in it or None for the module itself)
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrain"):
+                for alias in node.names:
+                    submodule = _module_file(f"{node.module}.{alias.name}")
+                    self.imports[alias.asname or alias.name] = (submodule, None) if submodule else (_module_file(node.module), alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("retrain.") and alias.asname:
+                        self.imports[alias.asname] = (_module_file(alias.name), None)
+
+
+class _ParamReads:
+    """The dotted params keys a stage reads (see the comment above)."""
+
+    def __init__(self):
+        self.modules, self.reads = {}, set()
+
+    def module(self, file: Path) -> _Module:
+        if file not in self.modules:
+            self.modules[file] = _Module(file)
+        return self.modules[file]
+
+    def scan_closure(self, script: Path) -> set[str]:
+        for file in sorted(code_of(script)):
+            if file.stem not in EXEMPT_MODULES:
+                self.scan(self.module(file), self.module(file).tree, {}, depth=0)
+        return self.reads
+
+    def scan(self, module: _Module, body, roots: dict, depth: int) -> None:
+        """Record the reads in `body`; roots: name -> (key path, model) of names holding params."""
+        roots = dict(roots)
+        for _ in range(3):  # aliases: params = load_params(); data = params.data
+            for node in ast.walk(body):
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    value = node.value
+                    if isinstance(value, ast.Call) and _chain(value.func) in (("load_params", []), ("params", ["load_params"])):
+                        roots[node.targets[0].id] = ("", Params)
+                    elif (resolved := self.resolve(value, roots)) and resolved[1] is not None and not resolved[2]:
+                        roots[node.targets[0].id] = resolved[:2]
+        parents = {child: node for node in ast.walk(body) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(body):
+            if isinstance(parents.get(node), ast.Attribute) or not (resolved := self.resolve(node, roots)):
+                continue  # only whole chains: `params.export.top_k`, not its `params.export`
+            path, model, extra = resolved
+            if model is None:
+                self.reads.add(path)
+            elif not extra:  # a section (or all params) handed on
+                self.handed_on(module, node, parents.get(node), path, model, depth)
+            else:  # a method of the section: model_copy, model_dump
+                self.reads.add(path or "(all params)")
+
+    def resolve(self, node, roots):
+        """(key path, model or None for a leaf, attributes left over) of a chain on a root, or None."""
+        if not isinstance(node, (ast.Attribute, ast.Name)) or not isinstance(node.ctx, ast.Load):
+            return None
+        chain = _chain(node)
+        if not chain or chain[0] not in roots:
+            return None
+        (path, model), attrs = roots[chain[0]], chain[1]
+        while attrs and model is not None and attrs[0] in model.model_fields:
+            path, model, attrs = f"{path}.{attrs[0]}".lstrip("."), _nested_model(model, attrs[0]), attrs[1:]
+        return path, model, attrs
+
+    def handed_on(self, module: _Module, node, call, path: str, model, depth: int) -> None:
+        """A section (or all params) passed on: into a retrain function, read there; else read whole."""
+        if isinstance(call, ast.Call) and node is not call.func:
+            chain = _chain(call.func)
+            source = module.imports.get(chain[0], (None,))[0] if chain else None
+            if chain and (chain[0] in EXEMPT_MODULES or (source and source.stem in EXEMPT_MODULES)):
+                return
+            target = self.callee(module, call.func) if depth < 6 else None
+            name = _parameter(target[1], call, node) if target else None
+            if name:
+                return self.scan(target[0], target[1], {name: (path, model)}, depth + 1)
+        self.reads.add(path or "(all params)")
+
+    def callee(self, module: _Module, func):
+        """(module, function definition) that `f(...)`, `mod.f(...)` or `Class.method(...)` calls, if in retrain."""
+        chain = _chain(func)
+        if not chain or len(chain[1]) > 1:
+            return None
+        name, attrs = chain
+        if not attrs:
+            if name in module.functions:
+                return module, module.functions[name]
+            source, attr = module.imports.get(name, (None, None))
+            return (self.module(source), self.module(source).functions[attr]) if source and attr in self.module(source).functions else None
+        source, attr = module.imports.get(name, (None, None))
+        if source is None:
+            key, found = f"{name}.{attrs[0]}", module
+        else:
+            found = self.module(source)
+            key = f"{attr}.{attrs[0]}" if attr else attrs[0]
+        return (found, found.functions[key]) if key in found.functions else None
+
+
+def _parameter(function, call: ast.Call, argument) -> str | None:
+    """The name `function` gives `argument` of `call` (positional or keyword), or None."""
+    names = [a.arg for a in function.args.posonlyargs + function.args.args]
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    for index, given in enumerate(call.args):
+        if given is argument:
+            return names[index] if index < len(names) else None
+    return next((k.arg for k in call.keywords if k.value is argument), None)
+
+
+def _declared_params(stage: dict) -> list[str]:
+    return [key for entry in stage.get("params") or [] for key in ([entry] if isinstance(entry, str) else entry)]
+
+
+def param_reads(name: str) -> set[str]:
+    return _ParamReads().scan_closure(REPO / "stages" / f"{name}.py")
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_stage_declares_every_param_it_reads(name):
+    declared = _declared_params(STAGES[name])
+    missing = sorted(key for key in param_reads(name) if not any(key == d or key.startswith(f"{d}.") for d in declared))
+    assert not missing, f"stage {name} reads params dvc.yaml does not declare: {missing}"
+
+
+def test_the_checker_sees_params_read_through_functions_and_sections():
+    # export_variants(..., params.export, params.seed, ...): the keys it reads, and the int8 sample's seed
+    assert {"seed", "export.top_k", "export.representative_images", "evaluate.min_accuracy"} <= param_reads("export")
+    # Limits.of(params.data) reads four keys of the section, not the whole of it
+    assert {"data.max_download_bytes", "data.max_compression_ratio", "data.url"} <= param_reads("download")
+    assert "data" not in param_reads("download") and "tracking.experiment" not in param_reads("download")

@@ -9,7 +9,7 @@ from conftest import COLOURS
 from imagegen import image_bytes
 from retrain.cli import main
 from retrain.errors import RetrainError
-from retrain.export import check_accuracy, check_reproduces, load_model
+from retrain.tf.export import check_accuracy, check_reproduces, load_model
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,9 @@ def test_export_reproduces_the_heads_predictions(exported):
 def test_tflite_model_agrees_with_the_saved_model(exported):
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_path=str(exported["dir"] / "model.tflite"))
-    interpreter.allocate_tensors()
+    from retrain.backbones.xnnpack import interpreter as litert
+
+    interpreter = litert(model_path=str(exported["dir"] / "model.tflite"))
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     images = np.random.default_rng(0).random((1, *inp["shape"][1:])).astype(np.float32)
     interpreter.set_tensor(inp["index"], images)
@@ -63,24 +64,53 @@ def test_predict_walks_folders_maps_names_and_survives_bad_files(exported, tmp_p
     names.write_text(json.dumps({"3": "Scarlet", "green": "Leafy"}))
     status = main(["predict", str(tmp_path), "--model", str(exported["dir"]), "--top_k", "1",
                    "--category_names", str(names), "--json"])
-    results = json.loads(capsys.readouterr().out)
-    assert status == 1  # one file failed, the others were answered
-    assert [r["path"].rsplit("/", 1)[-1] for r in results] == ["a_red.jpg", "b_broken.jpg", "c_green.webp"]
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert status == 0  # a file in a folder that is no image is skipped with a note, not an error
+    assert [r["path"].rsplit("/", 1)[-1] for r in results] == ["a_red.jpg", "c_green.webp"]
+    assert f"skipped {tmp_path / 'b_broken.jpg'}: not an image" in captured.err
+    assert "no display name for 'blue' (class 1)" in captured.err  # the partial names file says what it lacks
     serve = load_model(exported["dir"]).signatures["serving_default"]
     red = serve(image_bytes=np.array([(tmp_path / "a_red.jpg").read_bytes()], dtype=object))["probabilities"].numpy()[0]
     assert red.argmax() == 2 and red.max() > 0.5  # the SavedModel's own answer: "red", the 3rd label
-    assert results[0]["predictions"] == [{"label": "Scarlet", "probability": pytest.approx(float(red.max()), abs=1e-6)}]
-    assert "error" in results[1] and results[2]["predictions"][0]["label"] == "Leafy"
+    # predict ran model/model.tflite (LiteRT): the SavedModel's probabilities within 1e-4
+    assert results[0]["predictions"] == [{"label": "Scarlet", "probability": pytest.approx(float(red.max()), abs=1e-4)}]
+    assert results[0]["answer"] == "Scarlet" and results[1]["predictions"][0]["label"] == "Leafy"
+    named = main(["predict", str(tmp_path / "b_broken.jpg"), "--model", str(exported["dir"])])
+    assert named == 1 and "b_broken.jpg: error: not an image" in capsys.readouterr().out  # named: an error
 
 
 def test_predict_prints_every_label_without_top_k_and_saves_a_picture_headless(exported, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     image = tmp_path / "blue.png"
     image.write_bytes(image_bytes("PNG", COLOURS["blue"], seed=13))
-    assert main(["predict", str(image), "--model", str(exported["dir"]), "--show"]) == 0
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    (tmp_path / "here" / "blue.png.prediction.png").symlink_to(tmp_path / "victim")
+    assert main(["predict", str(image), "--model", str(exported["dir"]), "--show", "--top_k", "9"]) == 1
+    assert not (tmp_path / "victim").exists()  # --show never writes through a link
+    (tmp_path / "here" / "blue.png.prediction.png").unlink()
+    assert main(["predict", str(image), "--model", str(exported["dir"]), "--show", "--top_k", "9"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == str(image) and lines[-4] == str(image) and lines[-3].split()[0] == "blue"
+    assert "--top_k 9 is more than the model's 3 classes" in captured.err
+    assert (tmp_path / "here" / "blue.png.prediction.png").stat().st_size > 1000
+
+
+def test_min_confidence_answers_unsure(exported, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    image.write_bytes(image_bytes("PNG", COLOURS["red"], seed=5))
+    assert main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "0.9999999", "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["answer"] == "unsure" and answer["predictions"][0]["label"] == "red"
+    assert main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "0.01"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == str(image) and len(lines) == 4 and lines[1].split()[0] == "blue"
-    assert (tmp_path / "blue.png.prediction.png").stat().st_size > 1000
+    assert "unsure" not in lines[0] and lines[1].split()[0] == "red"
+    assert main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "1.0"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("(unsure)")
+    with pytest.raises(SystemExit):
+        main(["predict", str(image), "--min_confidence", "2"])
 
 
 def test_predict_without_a_model_is_one_line(tmp_path, capsys):

@@ -52,31 +52,30 @@ def test_identical_images_are_computed_once(tmp_path, examples, tiny_backbone):
 
 
 def _pixels(path, size):
-    import tensorflow as tf
+    from retrain.images import load_image
 
-    from retrain.images import decode_image, resize_image
-
-    return resize_image(decode_image(tf.io.read_file(path)), size).numpy()
+    return load_image(path, size)
 
 
-def test_the_image_pipeline_runs_without_the_autotuner_and_keeps_order(tmp_path, examples):
-    # With tf.data's autotuner on, deleting a finished iterator stalled the caller 2-5 s in 8 of
-    # 20 runs (see retrain.features.batched); the one image pipeline must keep it off, with or
-    # without augmentation.
-    from retrain.augment import augmenter
-    from retrain.features import image_dataset
+def test_the_image_pipeline_keeps_order_skips_what_does_not_decode_and_feeds_the_decoders_pixels(tmp_path, examples):
+    from retrain.features import image_batches
     from retrain.params import AugmentParams
+    from retrain.tf.augment import augmenter
 
-    paths = [e.path for e in examples[:4]]
-    plain = image_dataset(paths, (32, 32), 2, extra=[paths])
-    augmented = image_dataset(paths, (32, 32), 2, augmenter(AugmentParams(copies=1, crop_area_min=0.3, flip=True, brightness=0.2)), [[1, 2]] * 4)
-    for dataset in (plain, augmented):
-        assert dataset.options().autotune.enabled is False
-        assert sum(len(batch[0]) for batch in dataset) == 4
-    assert [p.decode() for _, keys in plain for p in keys.numpy()] == paths
-    first = next(iter(plain))[0][0].numpy()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    paths = [e.path for e in examples[:2]] + [str(broken)] + [e.path for e in examples[2:4]]
+    plain = list(image_batches(paths, (32, 32), 2, extra=[paths]))
+    assert [len(images) for images, _ in plain] == [2, 2]  # the broken file is skipped, not fatal
+    assert [str(p) for _, keys in plain for p in keys] == [p for p in paths if p != str(broken)]
+    first = plain[0][0][0]
+    assert first.dtype == np.float32 and first.shape == (32, 32, 3)
     np.testing.assert_array_equal(first, _pixels(paths[0], (32, 32)))  # exactly the one decoder's pixels
-    assert not np.array_equal(next(iter(augmented))[0][0].numpy(), first)
+    transform = augmenter(AugmentParams(copies=1, crop_area_min=0.3, flip=True, brightness=0.2))
+    augmented = list(image_batches(paths[:2], (32, 32), 2, transform, [[1, 2]] * 2))
+    again = list(image_batches(paths[:2], (32, 32), 2, transform, [[1, 2]] * 2))
+    assert not np.array_equal(augmented[0][0][0], first)
+    np.testing.assert_array_equal(augmented[0][0], again[0][0])  # seeded: the same views every time
 
 
 def test_feature_arrays_stream_to_disk_and_read_back_as_np_savez_wrote_them(tmp_path):

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from default_params import default_params
 from imagegen import make_class_folders, split_examples
 from retrain.backbones import load_backbone
 from retrain.errors import RetrainError
-from retrain.finetune import finetune, save_backbone, unfrozen_blocks, variable_blocks
-from retrain.head import build_head
-from retrain.params import AugmentParams, FinetuneParams, load_params
+from retrain.tf.finetune import finetune, save_backbone, unfrozen_blocks, variable_blocks
+from retrain.tf.head_training import build_head
+from retrain.params import AugmentParams, FinetuneParams
 from project import make_project, ran_stages, run, set_params
 
 AUGMENT = AugmentParams(copies=0, crop_area_min=0.6, flip=True, brightness=0.1)
@@ -51,7 +52,7 @@ def test_finetuning_changes_only_the_unfrozen_blocks(tmp_path, examples):
     backbone = load_backbone(str(save_blocks_backbone(tmp_path / "blocks")))
     assert [name for name, _ in variable_blocks(backbone)] == ["block0", "block1", "head"]
     before = {v.name: v.numpy() for v in backbone.trainable_variables}
-    head = build_head(backbone.feature_dim, 3, load_params().train)
+    head = build_head(backbone.feature_dim, 3, default_params().train)
     head_before = head.get_weights()
     history = finetune(backbone, head, examples, AUGMENT, FINETUNE, label_smoothing=0.1, seed=3)
     after = {v.name: v.numpy() for v in backbone.trainable_variables}
@@ -74,7 +75,7 @@ def test_finetuning_the_embedded_lite0_changes_only_its_top_blocks(examples):
     blocks = variable_blocks(backbone)
     assert len(blocks) > 3 and blocks[-1][0] != blocks[0][0]
     before = {v.name: v.numpy() for v in backbone.trainable_variables}
-    head = build_head(backbone.feature_dim, 3, load_params().train)
+    head = build_head(backbone.feature_dim, 3, default_params().train)
     one_step = FinetuneParams(enabled=True, blocks=2, epochs=1, learning_rate=0.01, batch_size=4)
     finetune(backbone, head, examples, AUGMENT, one_step, label_smoothing=0.1, seed=3)
     for name, variables in blocks[:-2]:  # frozen: bit for bit the same

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+from default_params import default_params
 from retrain.errors import RetrainError
-from retrain.head import _EpochLoop, _optimizer, build_head, class_weights, dense_layers, load_head, save_head, set_seed, train_head
-from retrain.params import load_params
+from retrain.head import load_head, save_head
+from retrain.tf.head_training import _EpochLoop, _optimizer, build_head, class_weights, set_seed, to_head, train_head
 
 
 def _blobs(n, seed, classes=3, dim=16, spread=4.0):
@@ -17,11 +18,12 @@ def _blobs(n, seed, classes=3, dim=16, spread=4.0):
 
 
 def _weights(model):
-    return [array for kernel, bias, _ in dense_layers(model) for array in (kernel, bias)]
+    head = to_head(model)
+    return [array for kernel, bias in zip(head.kernels, head.biases) for array in (kernel, bias)]
 
 
 def test_same_seed_same_weights_and_the_head_learns(tmp_path):
-    params = load_params().train.model_copy(update={"epochs": 5, "learning_rate": 0.05})
+    params = default_params().train.model_copy(update={"epochs": 5, "learning_rate": 0.05})
     train, validation = _blobs(90, 0), _blobs(30, 1)
     seen = []
     first, history = train_head(train, validation, 3, params, seed=7, on_epoch=lambda e, logs, m: seen.append((e, logs)))
@@ -35,9 +37,9 @@ def test_same_seed_same_weights_and_the_head_learns(tmp_path):
     assert [e for e, _ in seen] == list(range(5))
     assert set(seen[0][1]) == {"loss", "accuracy", "val_loss", "val_accuracy"} == set(history)
     assert [logs["val_loss"] for _, logs in seen] == history["val_loss"]
-    save_head(first, tmp_path / "head.keras")
-    reloaded = load_head(tmp_path / "head.keras")
-    np.testing.assert_array_equal(reloaded.predict(validation[0], verbose=0), first.predict(validation[0], verbose=0))
+    save_head(to_head(first), tmp_path / "head.npz")
+    reloaded = load_head(tmp_path / "head.npz")
+    np.testing.assert_allclose(reloaded.probabilities(validation[0]), first.predict(validation[0], verbose=0), atol=1e-6)
 
 
 def test_early_stopping_ends_on_the_best_epochs_weights():
@@ -45,7 +47,7 @@ def test_early_stopping_ends_on_the_best_epochs_weights():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(64, 32)).astype(np.float32), rng.integers(0, 3, 64).astype(np.int32)
     validation = rng.normal(size=(32, 32)).astype(np.float32), rng.integers(0, 3, 32).astype(np.int32)
-    params = load_params().train.model_copy(update={
+    params = default_params().train.model_copy(update={
         "epochs": 40, "early_stopping_patience": 3, "learning_rate": 0.02, "hidden_units": 64, "dropout": 0.0})
     snapshots = []
     model, history = train_head(train, validation, 3, params, seed=0, on_epoch=lambda e, logs, m: snapshots.append(_weights(m)))
@@ -57,16 +59,16 @@ def test_early_stopping_ends_on_the_best_epochs_weights():
 
 
 def test_without_validation_it_monitors_the_training_loss():
-    params = load_params().train.model_copy(update={"epochs": 3})
+    params = default_params().train.model_copy(update={"epochs": 3})
     empty = np.zeros((0, 16), np.float32), np.zeros(0, np.int32)
     _, history = train_head(_blobs(30, 0), empty, 3, params, seed=0)
     assert set(history) == {"loss", "accuracy"} and len(history["loss"]) == 3
 
 
 def test_hidden_layer_and_balanced_weights():
-    params = load_params().train.model_copy(update={"epochs": 2, "hidden_units": 8, "class_weights": "balanced"})
+    params = default_params().train.model_copy(update={"epochs": 2, "hidden_units": 8, "class_weights": "balanced"})
     model, _ = train_head(_blobs(60, 0), _blobs(12, 1), 3, params, seed=0)
-    assert [activation for _, _, activation in dense_layers(model)] == ["relu", "softmax"]
+    assert to_head(model).activations == ["relu", "softmax"]
     weights = class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights[1] == 3 * weights[0]
 
@@ -76,7 +78,7 @@ def test_balanced_class_weights_lift_the_rare_class():
     x, y = _blobs(400, 0, classes=2, dim=8, spread=1.0)
     keep = (y == 0) | (np.arange(400) % 40 == 1)
     train, validation = (x[keep], y[keep]), _blobs(200, 1, classes=2, dim=8, spread=1.0)
-    params = load_params().train.model_copy(update={"epochs": 15, "hidden_units": 0, "learning_rate": 0.05})
+    params = default_params().train.model_copy(update={"epochs": 15, "hidden_units": 0, "learning_rate": 0.05})
 
     def rare_recall(kind):
         model, _ = train_head(train, validation, 2, params.model_copy(update={"class_weights": kind}), seed=0)
@@ -90,7 +92,7 @@ def test_balanced_class_weights_lift_the_rare_class():
 def test_an_epoch_is_keras_fits_epoch(optimizer):
     """Same order, no dropout: one epoch of the loop is `fit`'s epoch (loss, class weights, L2, schedule)."""
     train = _blobs(70, 0)
-    params = load_params().train.model_copy(update={"epochs": 3, "hidden_units": 8, "dropout": 0.0, "l2": 1e-3,
+    params = default_params().train.model_copy(update={"epochs": 3, "hidden_units": 8, "dropout": 0.0, "l2": 1e-3,
                                                     "class_weights": "balanced", "batch_size": 16, "optimizer": optimizer})
     steps, weights = 5, class_weights(train[1], 3)
 
@@ -113,7 +115,7 @@ def test_an_epoch_is_keras_fits_epoch(optimizer):
 
 
 def test_mismatched_arrays_are_a_one_line_error():
-    params = load_params().train.model_copy(update={"epochs": 1})
+    params = default_params().train.model_copy(update={"epochs": 1})
     x, y = _blobs(30, 0)
     with pytest.raises(RetrainError, match="train split: expected features"):
         train_head((x, y[:-1]), _blobs(6, 1), 3, params, seed=0)

@@ -1,7 +1,7 @@
 """`dvc repro` end to end, for real: a generated flower-like archive served over loopback HTTP.
 
-A temporary git + DVC repo holds a copy of the project's pipeline (dvc.yaml, params.yaml, stages/,
-retrain/). The backbone is a tiny real SavedModel (fast); everything else — download with checksum,
+A temporary git + DVC repo holds a copy of the project's pipeline (dvc.yaml, stages/, retrain/)
+and the tests' own params.yaml. The backbone is a tiny real SavedModel (fast); everything else — download with checksum,
 split, cached bottlenecks, training, evaluation, export, MLflow, `retrain predict` — is the real
 thing. The tests run in file order and share one project.
 """
@@ -51,7 +51,7 @@ def project(tmp_path_factory, own_feature_cache, server, images, tiny_backbone, 
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
     root = project["root"]
-    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "train", "finetune", "evaluate", "export"]
+    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "data_report", "train", "finetune", "evaluate", "export"]
     assert (root / "data/raw/flowers/red").is_dir()
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["computed"] == 48 and stats["cache_hits"] == 0
@@ -141,3 +141,36 @@ def test_learning_rate_change_reruns_only_the_head(project):
     set_params(root, **{"train.learning_rate": 0.02})
     result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])
     assert ran_stages(result) == ["train", "finetune", "evaluate", "export"]  # finetune (off) only notes it
+
+
+LIGHT_STAGES = ["download", "split", "bottlenecks", "data_report", "finetune", "evaluate"]  # finetune: with fine-tuning off
+
+
+def _tensorflow_loaded_after(root, code: str) -> bool:
+    """Run code in a fresh interpreter in the project; whether it had imported tensorflow at exit."""
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('TENSORFLOW-LOADED', 'tensorflow' in sys.modules))\n" + code)
+    result = run(root, sys.executable, "-c", probe, tracking_uri=None)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("TENSORFLOW-LOADED")]
+    return line.split()[1] == "True"
+
+
+# Last in this file: it reruns stages outside DVC, which logs runs the tests above count.
+def test_light_stages_predict_and_the_served_model_never_import_tensorflow(project, tmp_path):
+    root = project["root"]
+    for stage in LIGHT_STAGES:  # each a real run, on the outputs of the stages before it
+        script = f"stages/{stage}.py"
+        code = f"import runpy; sys.argv = [{script!r}]; runpy.run_path({script!r}, run_name='__main__')"
+        assert not _tensorflow_loaded_after(root, code), f"stage {stage} imported tensorflow"
+    (tmp_path / "red.jpg").write_bytes(image_bytes("JPEG", CLASSES["red"], (70, 70), seed=77))
+    predict = f"from retrain.cli import main; assert main(['predict', {str(tmp_path / 'red.jpg')!r}]) == 0"
+    assert not _tensorflow_loaded_after(root, predict), "retrain predict (model/model.tflite) imported tensorflow"
+    model_uri = json.loads((root / "data/runs/export.json").read_text())["tags"]["retrain.model_uri"] \
+        if "tags" in json.loads((root / "data/runs/export.json").read_text()) else None
+    serve = ("import mlflow, pandas as pd, pathlib\n"
+             f"mlflow.set_tracking_uri({project['tracking_uri']!r})\n"
+             f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+             f"answer = model.predict(pd.DataFrame({{'image': [pathlib.Path({str(tmp_path / 'red.jpg')!r}).read_bytes()]}}))\n"
+             "assert answer['label'][0] == 'red', answer\n")
+    if model_uri:
+        assert not _tensorflow_loaded_after(root, serve), "the served MLflow model imported tensorflow"

@@ -15,7 +15,6 @@ import pytest
 from imagegen import make_class_folders, make_tgz
 from project import CLASSES, make_project, run, set_params
 from retrain.download import file_sha256
-from retrain.images import PREPROCESSING_VERSION
 
 pytestmark = pytest.mark.slow
 ARRAYS = ("train.npz", "validation.npz", "test.npz")
@@ -128,19 +127,19 @@ def test_concurrent_writers_on_one_cache_never_leave_a_partial_entry(tmp_path):
     for writer in writers:
         writer.start()
     reader, seen = FeatureCache(tmp_path, "shared", 256), 0
-    whole = len(reader._header) + 4 * 256
+    whole = reader._size  # header, 256 float32s, the digest
     while any(w.is_alive() for w in writers):
         for k in range(8):
             try:  # the raw bytes, not `get`: it would quietly remove a damaged entry
                 data = reader.path(f"{k:064x}").read_bytes()
             except FileNotFoundError:
                 continue
-            vector = np.frombuffer(data[len(reader._header):], "<f4")
+            vector = np.frombuffer(data[len(reader._header):whole - 32], "<f4")
             assert len(data) == whole and np.all(vector == vector[0]), k  # one writer's one value, all of it
             seen += 1
     assert all(w.exitcode == 0 for w in writers) and seen > 0
     names = sorted(p.name for p in tmp_path.rglob("*"))  # no temporary file left behind
-    assert names == sorted({"shared", f"p{PREPROCESSING_VERSION}", *(f"{k:064x}"[:2] for k in range(8)),
+    assert names == sorted({"shared", reader.folder.name, *(f"{k:064x}"[:2] for k in range(8)),
                             *(f"{k:064x}.npy" for k in range(8))})
 
 

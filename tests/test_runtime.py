@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from imagegen import split_examples
 from retrain.backbones import load_backbone, xnnpack
-from retrain.features import FeatureCache, compute_features, image_dataset
+from retrain.features import FeatureCache, compute_features, image_batches
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def test_xnnpack_features_match_tensorflows_on_generated_photos(tmp_path, lite0)
     on_tf, on_xnnpack = lite0
     assert on_xnnpack.runtime == "xnnpack" and on_tf.runtime == "tensorflow"
     examples = split_examples(tmp_path / "images", ["train", "test"], size=(300, 200))
-    (images, *_), = image_dataset([e.path for e in examples], on_tf.image_size, len(examples))
+    (images, *_), = image_batches([e.path for e in examples], on_tf.image_size, len(examples))
     ours, theirs = on_xnnpack.extract(images), on_tf.features(images).numpy()
     assert ours.shape == theirs.shape == (len(examples), 1280)
     assert np.max(np.abs(ours - theirs)) <= 1e-4
@@ -41,7 +41,7 @@ def test_the_stage_path_fills_the_cache_from_xnnpack(tmp_path, tiny_backbone):
     examples = split_examples(tmp_path / "images", ["train", "validation", "test"])
     cache = FeatureCache(tmp_path / "cache", backbone.id, backbone.feature_dim)
     assert compute_features(examples, backbone, cache, batch_size=5)["computed"] == len(examples)
-    (images, *_), = image_dataset([examples[0].path], backbone.image_size, 1)
+    (images, *_), = image_batches([examples[0].path], backbone.image_size, 1)
     np.testing.assert_allclose(cache.get(examples[0].sha256), backbone.features(images).numpy()[0], atol=1e-4)
     assert compute_features(examples, backbone, cache, batch_size=5)["computed"] == 0
 

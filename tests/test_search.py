@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from default_params import default_params, default_raw
 from retrain.errors import RetrainError
-from retrain.params import TrainParams, load_params, parse_params
-from retrain.search import HIDDEN_UNITS, search_head
+from retrain.params import TrainParams, parse_params
+from retrain.tf.search import HIDDEN_UNITS, search_head
 
 
 def _blobs(n, seed):
@@ -19,7 +20,7 @@ TRAIN, VALIDATION = _blobs(60, 0), _blobs(24, 1)
 
 
 def _params(trials=3, **search):
-    train = load_params().train
+    train = default_params().train
     return train.model_copy(update={"epochs": 3, "search": train.search.model_copy(update={"trials": trials, **search})})
 
 
@@ -81,12 +82,7 @@ def test_no_validation_data_or_no_trials_is_a_one_line_error():
     ({"trials": 20, "trails": 3}, "unknown key 'train.search.trails'"),
 ])
 def test_a_bad_search_config_names_its_key(search, message):
-    import yaml
-
-    from retrain.params import PARAMS_FILE
-
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["train"]["search"] = search
+    raw = default_raw(**{"train.search": search})
     with pytest.raises(RetrainError) as error:
         parse_params(raw)
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -82,3 +82,19 @@ def test_the_logged_model_carries_a_signature_and_examples_that_serve(store, ser
     assert isinstance(example["image"][0], bytes) and example["image"][0][:2] == b"\xff\xd8"  # a JPEG
     (answer,) = _invoke(server, model.get_serving_input(local))  # what the MLflow UI offers to paste
     assert answer["label"] in CLASSES
+
+
+def test_a_request_of_thousands_of_tiny_images_is_refused_naming_the_limit_and_the_server_lives_on(server):
+    from retrain.mlflow_model import MAX_IMAGES_PER_REQUEST
+
+    gif = base64.b64encode(image_bytes("GIF", (1, 2, 3), (1, 1))).decode()  # 1x1: tiny to send, costly to decode
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[gif]] * 6000}})
+    request = urllib.request.Request(f"{server}/invocations", data=body.encode(), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == 400
+    message = json.loads(refused.value.read())["message"]
+    assert f"6000 images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}" in message
+    green = base64.b64encode(image_bytes("PNG", CLASSES["green"], (40, 40), seed=1)).decode()
+    (answer,) = _invoke(server, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[green]]}}))
+    assert answer["label"] == "green"  # still serving

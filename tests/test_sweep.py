@@ -10,7 +10,6 @@ time into the one shared cache: every entry must come out whole and as a serial 
 """
 
 import json
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,23 +17,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from project import generated_project, ran_stages, run, set_params
+from project import generated_project, ran_stages, run, set_params, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
 RATES = ("0.01", "0.03")
 SIZES = (32, 40)  # the baseline's backbone size, and a new one that two workers compute at once
-
-
-def _wait_for_queue(root, timeout=600) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run(root, "dvc", "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
-        time.sleep(3)
 
 
 def _experiments(root) -> dict[str, dict]:
@@ -89,7 +77,7 @@ def swept(tmp_path_factory, any_size_backbone):
         "-S", f"backbone.image_size={','.join(map(str, SIZES))}")  # the grid: 4 experiments
     try:
         run(root, "dvc", "queue", "start", "-j", "4")
-        status = _wait_for_queue(root)
+        status = wait_for_queue(root)
     finally:
         run(root, "dvc", "queue", "stop", check=False)  # no worker outlives the test
     return {"root": root, "client": client, "baseline": baseline, "before": before, "topk": topk,

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 
 from conftest import free_port, wait_until_serving
 from imagegen import image_bytes
-from project import BIN, CLASSES, REPO, generated_project, ran_stages, run
+from project import BIN, CLASSES, REPO, generated_project, ran_stages, run, wait_for_queue
 from team_servers import MLFLOW, mlflow_team_server, postgres
 
 pytestmark = pytest.mark.slow
@@ -170,21 +169,14 @@ def _killed_stage_run(root: Path, team) -> str:
     env = {**os.environ, "MLFLOW_TRACKING_URI": team["uri"], "PYTHONPATH": str(root)}
     process = subprocess.Popen([str(BIN / "python"), "-c", _HANGING_STAGE], cwd=root, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_id = process.stdout.readline().strip()
-    process.kill()
-    process.wait(timeout=30)
+    try:
+        run_id = process.stdout.readline().strip()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
     assert run_id, process.stderr.read()[-3000:]
     assert _client(team).get_run(run_id).info.status == "RUNNING"
     return run_id
-
-
-def _wait_for_queue(root: Path, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run(root, "dvc", "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")) or time.monotonic() > deadline:
-            return status
-        time.sleep(3)
 
 
 # Four pipelines at once on this 2-core machine: 814 s with other work running (load ~25-50),
@@ -205,7 +197,7 @@ def test_two_teammates_and_a_parallel_sweep_log_at_once(origin, team, tmp_path):
     try:
         run(root, "dvc", "queue", "start", "-j", "2", tracking_uri=team["uri"])
         outputs = {name: process.communicate(timeout=600)[0] for name, process in teammates.items()}
-        status = _wait_for_queue(root)
+        status = wait_for_queue(root)
     finally:
         run(root, "dvc", "queue", "stop", check=False)  # no worker outlives the test
         for process in teammates.values():

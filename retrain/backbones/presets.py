@@ -3,8 +3,8 @@
 A preset is a short name for a handle with its input size and feature length, so params.yaml can
 say `backbone.name: inception_v3`. The size is the one the preset runs at unless
 `backbone.image_size` says otherwise (a fixed-size module accepts only its own). Hub presets download through tensorflow_hub's own cache
-(`$TFHUB_CACHE_DIR`, default `<tmp>/tfhub_modules`); on a machine without network they fail in
-seconds with a message saying how to point `backbone.name` at a local copy instead.
+(`$TFHUB_CACHE_DIR`, here by default the user's `~/.cache/tfhub_modules`, see `hub_cache_root`);
+on a machine without network they fail in seconds with a message saying how to point `backbone.name` at a local copy instead.
 """
 
 import hashlib
@@ -12,9 +12,9 @@ import importlib.util
 import os
 import socket
 import sys
-import tempfile
 import threading
 import urllib.parse
+from pathlib import Path
 from typing import NamedTuple
 
 from retrain.errors import RetrainError
@@ -53,6 +53,21 @@ PRESETS = {p.name: p for p in [
 ]}
 
 
+def hub_cache_root():
+    """`$TFHUB_CACHE_DIR`, else `$XDG_CACHE_HOME/tfhub_modules` or `~/.cache/tfhub_modules`.
+
+    Never tensorflow_hub's own default, `<tmp>/tfhub_modules`: any local user can create that
+    folder first and plant a module that then runs as whoever loads the preset.
+    """
+    if os.environ.get("TFHUB_CACHE_DIR"):
+        return os.environ["TFHUB_CACHE_DIR"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tfhub_modules")
+
+
+# tensorflow_hub reads the variable when it downloads; set before anything can import it.
+os.environ["TFHUB_CACHE_DIR"] = hub_cache_root()
+
+
 def names():
     return list(PRESETS)
 
@@ -67,9 +82,7 @@ def hub_cache_path(handle):
     Mirrors tensorflow_hub's layout (`$TFHUB_CACHE_DIR/<sha1 of handle>`) so that checking costs
     no import of tensorflow_hub.
     """
-    root = os.environ.get("TFHUB_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
-                                                             "tfhub_modules")
-    folder = os.path.join(root, hashlib.sha1(handle.encode("utf8")).hexdigest())
+    folder = os.path.join(hub_cache_root(), hashlib.sha1(handle.encode("utf8")).hexdigest())
     complete = (os.path.isfile(os.path.join(folder, "saved_model.pb"))
                 and not os.path.exists(folder + ".lock"))
     return folder if complete else None

@@ -3,16 +3,17 @@
 TensorFlow reached 0.4-0.5 of this machine's FLOP limit on the embedded EfficientNet-Lite, the
 TFLite interpreter with XNNPACK 0.7-0.8 (issue #17). So a backbone's loop-free `single_pass` graph
 (or its `__call__` where it has none) is converted once to a .tflite file, cached beside the
-converted SavedModels as `cache_root()/backbones/<weights id>-xnnpack-r<version>.tflite`, and only
+converted SavedModels as `backbones_root()/<weights id>-xnnpack-r<version>.tflite`, and only
 kept when its features match TensorFlow's within `TOLERANCE` on a check batch. A module that does
 not convert (or does not match) is remembered in a `.failed` file beside it, and the caller falls
 back to the SavedModel. Fine-tuning and export keep TensorFlow: only feature extraction runs here.
 
-The interpreter comes from `ai-edge-litert` when installed (its import costs 0.07 s, no
-TensorFlow), else from `tf.lite`; both are the same XNNPACK build of LiteRT.
+The interpreter comes from `ai-edge-litert` (its import costs 0.07 s, no TensorFlow); converting
+and checking (`retrain.tf.backbones.to_tflite`) is the only part that loads TensorFlow.
 """
 
 import hashlib
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.atomic import atomic_file
-from retrain.cache import cache_root
+from retrain.cache import backbones_root
 
 # Bump when the conversion or the way `Extractor` runs it changes what comes out.
 RUNTIME_VERSION = "1"
@@ -31,13 +32,21 @@ THREADS = int(os.environ.get("RETRAIN_XNNPACK_THREADS", "0")) or os.cpu_count() 
 
 
 def tflite_path(weights_id: str) -> Path:
-    return cache_root() / "backbones" / f"{weights_id}-xnnpack-r{RUNTIME_VERSION}.tflite"
+    return backbones_root() / f"{weights_id}-xnnpack-r{RUNTIME_VERSION}.tflite"
 
 
 def _failed_path(weights_id: str) -> Path:
-    import tensorflow as tf  # the converter's version decides, so a TF upgrade tries again
+    """Where a failed conversion is remembered: per TensorFlow version, so an upgrade tries again."""
+    return tflite_path(weights_id).with_suffix(f".tf{_tensorflow_version()}.failed")
 
-    return tflite_path(weights_id).with_suffix(f".tf{tf.__version__}.failed")
+
+def _tensorflow_version() -> str:
+    for package in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
 
 
 def converted(backbone) -> Path | None:
@@ -50,8 +59,10 @@ def converted(backbone) -> Path | None:
     if failed.is_file():
         _say_fallback(backbone, failed.read_text(encoding="utf-8").strip())
         return None
+    from retrain.tf.backbones import to_tflite
+
     try:
-        model = _convert(backbone)
+        model = to_tflite(backbone, INVOKE_BATCH)
         difference = _max_difference(model, backbone)
         if not difference <= TOLERANCE:
             raise ValueError(f"its features differ from TensorFlow's by {difference:.2g} > {TOLERANCE:g}")
@@ -70,36 +81,31 @@ def _say_fallback(backbone, reason: str) -> None:
           "in TensorFlow", file=sys.stderr)
 
 
-def _convert(backbone) -> bytes:
-    """The TFLite flatbuffer of single_pass for [INVOKE_BATCH, H, W, 3], TFLite built-in ops only."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([INVOKE_BATCH, *backbone.image_size, 3], tf.float32)
-    graph = tf.function(backbone.single_pass_features, autograph=False).get_concrete_function(spec)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([graph], backbone.module)
-    # Built-ins only: select TF ops would need the Flex delegate, which ai-edge-litert lacks.
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    return converter.convert()
-
-
 def _max_difference(model: bytes, backbone) -> float:
     """Max abs difference between the converted model's and TensorFlow's features on 4 images."""
     images = np.random.default_rng(0).random((4, *backbone.image_size, 3), dtype=np.float32)
     ours = Extractor(model_content=model).features(images)
-    theirs = backbone.features(images).numpy()
+    theirs = backbone.features(images).numpy()  # the module's own features, in TensorFlow
     if ours.shape != theirs.shape:
         raise ValueError(f"converted model gives {ours.shape} features, TensorFlow {theirs.shape}")
     return float(np.max(np.abs(ours - theirs)))
 
 
 def interpreter_class():
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # not installed: the same interpreter ships inside TensorFlow
-        import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
 
-        Interpreter = tf.lite.Interpreter
     return Interpreter
+
+
+def interpreter(**options):
+    """A LiteRT interpreter (model_path or model_content, num_threads), tensors allocated, made
+    without its "Created TensorFlow Lite XNNPACK delegate" line."""
+    from retrain.native_log import filtered_stderr
+
+    with filtered_stderr():
+        made = interpreter_class()(**options)
+        made.allocate_tensors()
+    return made
 
 
 class Extractor:
@@ -110,8 +116,7 @@ class Extractor:
 
     def __init__(self, model_path: Path | None = None, model_content: bytes | None = None, threads: int = THREADS):
         source = {"model_path": str(model_path)} if model_path is not None else {"model_content": model_content}
-        self._interpreter = interpreter_class()(**source, num_threads=threads)
-        self._interpreter.allocate_tensors()
+        self._interpreter = interpreter(**source, num_threads=threads)
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
 

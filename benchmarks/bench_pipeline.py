@@ -1,13 +1,13 @@
 """Part B of benchmarks/run.py: the real pipeline in a temporary git + DVC project, timed per stage.
 
-Uses tests/project.py's helpers (`make_project`, `run`, `set_params`, `ran_stages`) with
-efficientnet_lite0 and the image folder as `data.url`, then restores the project's default params
-(those helpers tune them for tiny test data). Stage processes are polled with psutil for their own
-lifetime and peak RSS, so `dvc`'s own start-up is not charged to a stage.
+Builds the project with tests/project.py's `make_project` (the one project builder; run.py puts
+tests/ on sys.path) with efficientnet_lite0 and the image folder as `data.url`, then puts back the
+tests' default params (tests/params.default.yaml, the shipped defaults) that the builder tunes for
+tiny test data. Stage processes are polled with psutil for their own lifetime and peak RSS, so
+`dvc`'s own start-up is not charged to a stage.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -18,28 +18,17 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
+from default_params import write_params
+from project import BIN, make_project, ran_stages, run, set_params
 
-
-def _test_helpers():
-    """tests/project.py under another name: this module is `project` too on benchmarks' sys.path."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "project.py"
-    spec = importlib.util.spec_from_file_location("tests_project", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helpers = _test_helpers()
-BIN, REPO, make_project, ran_stages, run, set_params = (
-    getattr(_helpers, name) for name in ("BIN", "REPO", "make_project", "ran_stages", "run", "set_params"))
-
-# make_project tunes these for 48 tiny test images; the benchmark runs with the shipped defaults.
-DEFAULTS = ["data.validation_percentage", "data.testing_percentage", "train.learning_rate", "train.epochs",
-            "train.early_stopping_patience", "evaluate.top_k", "export.top_k"]
-GENERATED_CLASSES = {"daisy": (240, 240, 230), "dandelion": (240, 200, 30), "roses": (200, 30, 60),
-                     "sunflowers": (250, 170, 20), "tulips": (230, 80, 150)}
+GENERATED_CLASSES = {
+    "daisy": (240, 240, 230),
+    "dandelion": (240, 200, 30),
+    "roses": (200, 30, 60),
+    "sunflowers": (250, 170, 20),
+    "tulips": (230, 80, 150),
+}
 
 
 def image_folder(data: Path, sha256: str, dest: Path, limit: int | None) -> tuple[Path, str]:
@@ -71,8 +60,11 @@ def image_folder(data: Path, sha256: str, dest: Path, limit: int | None) -> tupl
 
 def image_paths(root: Path) -> list[Path]:
     """Every image under root/<class>/, round-robin over classes so any prefix stays balanced."""
-    per_class = [sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-                 for folder in sorted(root.iterdir()) if folder.is_dir()]
+    per_class = [
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        for folder in sorted(root.iterdir())
+        if folder.is_dir()
+    ]
     ordered = []
     for i in range(max(map(len, per_class), default=0)):
         ordered += [files[i] for files in per_class if i < len(files)]
@@ -138,8 +130,13 @@ def polled(cwd: Path, command: list[str], marker: str) -> dict:
     output = (cwd / ".bench.log").read_text()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-4000:]}")
-    return {"wall_s": round(wall, 2), "stage_s": round(stage["last"] - stage["first"], 2) if stage["first"] else None,
-            "peak_rss_mb": round(stage["peak_rss"] / 2**20, 1), "ran": ran_stages(_Result(output)), "log": output[-2000:]}
+    return {
+        "wall_s": round(wall, 2),
+        "stage_s": round(stage["last"] - stage["first"], 2) if stage["first"] else None,
+        "peak_rss_mb": round(stage["peak_rss"] / 2**20, 1),
+        "ran": ran_stages(_Result(output)),
+        "log": output[-2000:],
+    }
 
 
 class _Result:  # ran_stages reads .stdout
@@ -170,10 +167,12 @@ def pipeline_figures(images: Path, work: Path, cache: Path, ceiling_now) -> dict
     """
     (work / "project").mkdir()
     root = make_project(work / "project", str(images), None, "efficientnet_lite0")
-    defaults = yaml.safe_load((REPO / "params.yaml").read_text())
-    set_params(root, **{key: defaults[key.split(".")[0]][key.split(".")[1]] for key in DEFAULTS})
-    if "augment" in defaults:  # issue #7 measures the photos' own features; views would add 5x work per run
-        set_params(root, **{"augment.copies": 0})
+    # The shipped defaults, not make_project's tuning for 48 tiny images; issue #7 measures the
+    # photos' own features (augmented views would add 5x work per run).
+    write_params(
+        root,
+        **{"data.url": str(images), "data.sha256": None, "backbone.name": "efficientnet_lite0", "augment.copies": 0},
+    )
     out = {"_project": root, "images": sum(1 for _ in image_paths(images))}
 
     out["split_s"], _ = timed(root, "dvc", "repro", "split")
@@ -186,7 +185,9 @@ def pipeline_figures(images: Path, work: Path, cache: Path, ceiling_now) -> dict
     print("B: train ...", flush=True)
     out["train"] = polled(root, ["dvc", "repro", "train"], "stages/train.py")
     out["train"]["epochs"] = sum(1 for _ in open(root / "data/train/history.csv")) - 1
-    out["train"]["fit_s"] = float(re.search(r"head trained for \d+ epochs in ([0-9.]+) s", out["train"]["log"]).group(1))
+    out["train"]["fit_s"] = float(
+        re.search(r"head trained for \d+ epochs in ([0-9.]+) s", out["train"]["log"]).group(1)
+    )
     print("B: evaluate + export ...", flush=True)
     out["evaluate_export_s"], _ = timed(root, "dvc", "repro")
     out["test_accuracy"] = json.loads((root / "data/evaluate/metrics.json").read_text()).get("accuracy")

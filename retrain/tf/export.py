@@ -1,8 +1,9 @@
 """Export: backbone + head as one SavedModel that takes encoded image bytes.
 
 The serving signature takes a string tensor of encoded images (any format split accepts, as
-retrain.py's graph took `DecodeJpeg/contents:0`), decodes and resizes them with the very same
-functions the bottlenecks stage used (`retrain.images`), and returns every class probability and
+retrain.py's graph took `DecodeJpeg/contents:0`), decodes and resizes them in-graph to the very
+pixels the bottlenecks stage got (`retrain.tf.graph_images`, checked against `retrain.images`),
+runs the head of `retrain.head`, and returns every class probability and
 the top-k labels. A user needs TensorFlow and nothing of this project to serve it. Beside it:
 `labels.txt` and `model.tflite`, the float32 single-image model with TFLite metadata (quantized
 variants: `retrain.tflite_variants`).
@@ -15,27 +16,29 @@ import tensorflow as tf
 
 from retrain.atomic import atomic_dir
 from retrain.errors import RetrainError
-from retrain.image_header import MAX_SERVING_PIXELS, check_pixels
-from retrain.images import decode_image, resize_image
+from retrain.head import Head, logits
+from retrain.limits import MAX_IMAGE_PIXELS
+from retrain.native_log import filtered_stderr
+from retrain.tf.graph_images import decode_image, resize_image
+from retrain.tf.head_training import TF_OPS
+from retrain.tf.image_header import check_pixels
+from retrain.tf.tflite_convert import convert
 from retrain.tflite_metadata import write_metadata
-from retrain.tflite_variants import convert
-
-_ACTIVATIONS = {"softmax": tf.nn.softmax, "relu": tf.nn.relu, "linear": tf.identity}
 
 
 class Classifier(tf.Module):
     """Backbone + dense head, with signatures `serving_default` (bytes) and `classify_images`."""
 
-    def __init__(self, backbone, dense_layers, labels: list[str], top_k: int, max_image_pixels: int = MAX_SERVING_PIXELS):
+    def __init__(self, backbone, head: Head, labels: list[str], top_k: int, max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__(name="retrain_classifier")
         self.max_image_pixels = max_image_pixels  # a constant of the serving graph
         self.backbone = backbone.module  # tracked, so its variables are saved with the model
         self._features = backbone.features
         self._single_pass_features = backbone.single_pass_features
         self.image_size = tuple(backbone.image_size)
-        self.kernels = [tf.Variable(k, trainable=False, name=f"kernel_{i}") for i, (k, _, _) in enumerate(dense_layers)]
-        self.biases = [tf.Variable(b, trainable=False, name=f"bias_{i}") for i, (_, b, _) in enumerate(dense_layers)]
-        self._activations = [activation for _, _, activation in dense_layers]
+        self.kernels = [tf.Variable(k, trainable=False, name=f"kernel_{i}") for i, k in enumerate(head.kernels)]
+        self.biases = [tf.Variable(b, trainable=False, name=f"bias_{i}") for i, b in enumerate(head.biases)]
+        self._activations = list(head.activations)
         self.label_table = tf.Variable(labels, trainable=False, name="labels")
         self.top_k = min(top_k, len(labels))
         height, width = self.image_size
@@ -52,9 +55,8 @@ class Classifier(tf.Module):
     def _classify_images(self, images, single_pass=False):
         """float32 [N,H,W,3] in [0,1] → {"probabilities": float32 [N,C]}."""
         x = self._single_pass_features(images) if single_pass else self._features(images)
-        for kernel, bias, activation in zip(self.kernels, self.biases, self._activations):
-            x = _ACTIVATIONS[activation](tf.matmul(x, kernel) + bias)
-        return {"probabilities": x}
+        layers = list(zip(self.kernels, self.biases, self._activations))
+        return {"probabilities": tf.nn.softmax(logits(layers, x, TF_OPS))}
 
     def _serve(self, image_bytes):
         """string [N] of encoded images → probabilities [N,C], top_k_labels/_probabilities/_indices [N,K].
@@ -84,9 +86,9 @@ def check_accuracy(accuracy: float, min_accuracy: float) -> None:
         )
 
 
-def build_classifier(backbone, dense_layers, labels: list[str], top_k: int,
-                     max_image_pixels: int = MAX_SERVING_PIXELS) -> Classifier:
-    return Classifier(backbone, dense_layers, labels, top_k, max_image_pixels)
+def build_classifier(backbone, head: Head, labels: list[str], top_k: int,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> Classifier:
+    return Classifier(backbone, head, labels, top_k, max_image_pixels)
 
 
 def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None:
@@ -115,14 +117,40 @@ def load_model(model_dir: Path):
     saved = model_dir / "saved_model" if (model_dir / "saved_model").is_dir() else model_dir
     if not (saved / "saved_model.pb").is_file():
         raise RetrainError(f"{model_dir}: no exported model here; run `dvc repro` or pass --model DIR")
-    return tf.saved_model.load(str(saved))
+    try:
+        return tf.saved_model.load(str(saved))
+    except Exception as error:  # TF raises many types for a damaged model
+        raise RetrainError(f"{saved}: cannot load the SavedModel ({type(error).__name__}); export it again "
+                           "(dvc repro export)") from None
+
+
+class SavedModelClassifier:
+    """An exported SavedModel as `retrain predict` runs it: encoded bytes in, probabilities [C] out."""
+
+    def __init__(self, model_dir: Path):
+        self.model = load_model(model_dir)
+        signatures = getattr(self.model, "signatures", {})
+        if "serving_default" not in signatures or "labels" not in signatures:
+            raise RetrainError(f"{model_dir}: not a model exported by retrain (no serving_default and labels "
+                               "signatures); pass --model with an exported model folder or .tflite file")
+        self.labels = [label.decode() for label in signatures["labels"]()["labels"].numpy()]
+
+    def probabilities(self, contents: bytes) -> np.ndarray:
+        from retrain.images import ImageError
+        from retrain.split import rejection_reason
+
+        try:
+            return predict_bytes(self.model, [contents])[0]
+        except tf.errors.OpError:  # its message is a graph trace: say what split would say
+            raise ImageError(rejection_reason(contents, MAX_IMAGE_PIXELS) or "cannot be decoded") from None
 
 
 def predict_bytes(model, contents: list[bytes], batch_size: int = 32) -> np.ndarray:
     """Probabilities [N,C] from the exported serving signature, batch by batch."""
     serve = model.signatures["serving_default"]
-    out = [serve(image_bytes=tf.constant(contents[i : i + batch_size]))["probabilities"].numpy()
-           for i in range(0, len(contents), batch_size)]
+    with filtered_stderr():  # TensorFlow's uint8 ops print a false alarm on AVX-512 machines
+        out = [serve(image_bytes=tf.constant(contents[i : i + batch_size]))["probabilities"].numpy()
+               for i in range(0, len(contents), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrain.errors import RetrainError
-from retrain.head import train_head
+from retrain.tf.head_training import to_head, train_head
 from retrain.params import TrainParams
 
 HIDDEN_UNITS = (0, 256, 512, 1024)
@@ -112,7 +112,7 @@ def _run_trial(number, searched, train, validation, num_classes, params, seed) -
 def _score(model, validation: tuple[np.ndarray, np.ndarray]) -> float:
     """Plain validation cross-entropy of the model's softmax; a diverged trial scores +inf."""
     features, labels = validation
-    probabilities = model(np.asarray(features, np.float32), training=False).numpy().astype(np.float64)
+    probabilities = to_head(model).probabilities(features).astype(np.float64)
     picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
     value = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
     return value if math.isfinite(value) else math.inf

@@ -21,12 +21,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from retrain import paths
 from retrain.atomic import atomic_dir
-from retrain.augment import augmenter, view_seed
+from retrain.augment import view_seed
 from retrain.errors import RetrainError
-from retrain.features import Example, class_names, image_dataset, write_features_npz
-from retrain.head import set_seed
+from retrain.features import Example, class_names, image_batches, write_features_npz
+from retrain.tf.augment import augmenter
+from retrain.tf.head_training import head_logits, set_seed
 from retrain.params import AugmentParams, FinetuneParams
 
 
@@ -72,12 +72,14 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(params.learning_rate, max(1, steps)))
     loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     num_classes = len(index)
+    rate = next(layer.rate for layer in head.layers if isinstance(layer, keras.layers.Dropout))
+    dropout = (lambda x: tf.nn.dropout(x, rate)) if rate else None
 
     @tf.function(reduce_retracing=True)
     def train_step(images, labels):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(watched)
-            probabilities = head(backbone.features(images), training=True)
+            probabilities = tf.nn.softmax(head_logits(head, backbone.features(images), dropout))
             loss = loss_fn(tf.one_hot(labels, num_classes), probabilities)
         optimizer.apply_gradients(zip(tape.gradient(loss, watched), variables))
         return loss
@@ -92,11 +94,11 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
         seeds = [view_seed(seed, e.sha256, f"finetune-{epoch}") for e in rows]
         labels = np.array([index[e.label] for e in rows], np.int32)
         transform = augmenter(augment) if augment is not None else None
-        dataset = image_dataset([e.path for e in rows], backbone.image_size, params.batch_size, transform, seeds, [labels])
+        dataset = image_batches([e.path for e in rows], backbone.image_size, params.batch_size, transform, seeds, [labels])
         with tqdm(total=len(rows), unit="img", desc=f"finetune epoch {epoch + 1}", mininterval=5.0) as bar:
             losses = []
             for images, batch_labels in dataset:
-                losses.append(float(train_step(images, batch_labels)))
+                losses.append(float(train_step(tf.constant(images), tf.constant(batch_labels))))
                 bar.update(len(batch_labels))
         val_loss, val_accuracy = _validate(features, head, validation, index, backbone.image_size, params.batch_size)
         for key, value in zip(history, (np.mean(losses), val_loss, val_accuracy, time.perf_counter() - started)):
@@ -120,7 +122,7 @@ def _validate(features, head, rows, index, image_size, batch_size) -> tuple[floa
     if not rows:
         return float("nan"), float("nan")
     vectors, labels = split_features(features, rows, index, image_size, batch_size)
-    probabilities = head(vectors, training=False).numpy()
+    probabilities = tf.nn.softmax(head_logits(head, tf.constant(vectors))).numpy()
     loss = -np.mean(np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)))
     return float(loss), float(np.mean(probabilities.argmax(1) == labels))
 
@@ -128,7 +130,7 @@ def _validate(features, head, rows, index, image_size, batch_size) -> tuple[floa
 def split_features(features, rows: list[Example], index, image_size, batch_size) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [N, D] features, int32 [N] labels) of rows' images, decoded as bottlenecks does."""
     labels = np.array([index[e.label] for e in rows], np.int32)
-    batches = [features(images).numpy() for (images,) in image_dataset([e.path for e in rows], image_size, batch_size)]
+    batches = [features(tf.constant(images)).numpy() for (images,) in image_batches([e.path for e in rows], image_size, batch_size)]
     vectors = np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
     if len(vectors) != len(rows):
         raise RetrainError(f"{len(rows) - len(vectors)} images could not be decoded now though split accepted "

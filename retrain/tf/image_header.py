@@ -11,9 +11,7 @@ through: the decoder then refuses them with its own error.
 
 import tensorflow as tf
 
-# The limit of split (data.max_image_pixels' default), `retrain predict` and the MLflow model:
-# PIL's own decompression-bomb limit (~89 MP). tests/test_fuzz.py keeps the four equal.
-MAX_SERVING_PIXELS = 89_478_485
+from retrain.limits import MAX_IMAGE_PIXELS
 
 _HEAD_BYTES = 32  # every format here keeps its size within the first 30 bytes
 
@@ -79,7 +77,7 @@ def _signed32(value):
     return tf.where(value >= 2**31, value - 2**32, value)
 
 
-def check_pixels(contents, max_pixels: int = MAX_SERVING_PIXELS):
+def check_pixels(contents, max_pixels: int = MAX_IMAGE_PIXELS):
     """An op that fails (InvalidArgumentError) when the header announces more than max_pixels."""
     return tf.debugging.assert_less_equal(
         header_pixels(contents),
