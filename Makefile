@@ -26,9 +26,9 @@ endif
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 # The tests cover every extra, so they install them all (CI runs exactly this).
-test test-fast: EXTRAS += dev ray team lite
-lint check-deps: EXTRAS += dev
-team-server: EXTRAS += team
+test test-fast: override EXTRAS += dev ray team lite
+lint check-deps: override EXTRAS += dev
+team-server: override EXTRAS += team
 
 test: venv  ## run the whole test suite (installs every extra)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

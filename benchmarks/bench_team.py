@@ -45,7 +45,7 @@ def project(work: Path, per_class: int) -> Path:
     sha = publish(work / "images/flowers", work / "archive")
     (work / "project").mkdir()
     root = make_project(work / "project", str(work / "archive/flowers.tgz"), sha, save_tiny_backbone(work / "tiny"))
-    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    set_params(root, **{"train.epochs": 20})
     run(root, "dvc", "repro")  # download, split and bottlenecks once; the rounds rerun what logs
     return root
 

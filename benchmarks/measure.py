@@ -309,21 +309,28 @@ def _predict_parts(model_dir: Path, image: Path) -> dict:
 
 
 def whole_process(command: list[str], cwd: Path, env: dict) -> dict:
-    """Run command to its end: wall seconds from spawn to exit, its peak RSS (the kernel's
-    `ru_maxrss` of that child, from wait4), its exit code and the tail of its output."""
+    """Run command to its end: wall seconds from spawn to exit, its peak RSS, its exit code and the
+    tail of its output. The RSS is GNU time's %M (the child's `ru_maxrss`) where /usr/bin/time
+    exists: a child forked straight from this process would report at least this process's own
+    RSS (Linux carries the pre-exec high-water mark over), and this process holds TensorFlow."""
     import tempfile
 
-    with tempfile.TemporaryFile() as out:
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as usage_file:
+        wrapped = [timer, "-f", "%e %M", "-o", usage_file.name, *command] if timer else command
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(wrapped, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         output = out.read().decode(errors="replace")
+        reported = usage_file.read().split()
+    peak_kb = int(reported[-1]) if timer and reported else usage.ru_maxrss
     return {
         "wall_s": round(wall, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "rss_from": "/usr/bin/time %M" if timer and reported else "wait4 ru_maxrss (includes the parent's)",
         "returncode": process.returncode,
         "output": output[-3000:],
     }

@@ -42,10 +42,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 
-import bench_ray  # noqa: E402  (part E)
-
 import bench_head  # noqa: E402  (benchmarks/bench_head.py)
 import bench_pipeline  # noqa: E402  (part B)
+import bench_ray  # noqa: E402  (part E)
 import bench_sweep  # noqa: E402  (benchmarks/bench_sweep.py)
 import measure  # noqa: E402  (benchmarks/measure.py)
 

@@ -77,23 +77,16 @@ class Pair:
 
 def load_features(features_dir: Path) -> Dataset:
     """The bottlenecks stage's <split>.npz arrays (features, labels, paths) and labels.txt, joined."""
-    features_dir = Path(features_dir)
-    try:
-        classes = (features_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise RetrainError(
-            f"{features_dir / 'labels.txt'}: not found; run the bottlenecks stage first (dvc repro bottlenecks)"
-        ) from None
+    from retrain.features import load_labels, load_split_arrays
+
+    classes = load_labels(features_dir)
     features, labels, paths, splits = [], [], [], []
     for split in SPLITS:
-        try:
-            with np.load(features_dir / f"{split}.npz", allow_pickle=False) as data:
-                features.append(data["features"].astype(np.float32))
-                labels.append(data["labels"].astype(np.int64))
-                paths += [str(p) for p in data["paths"]]
-        except FileNotFoundError:
-            raise RetrainError(f"{features_dir / f'{split}.npz'}: not found; run the bottlenecks stage first") from None
-        splits += [split] * len(labels[-1])
+        x, y, names = load_split_arrays(features_dir, split)
+        features.append(x.astype(np.float32))
+        labels.append(y.astype(np.int64))
+        paths += names
+        splits += [split] * len(y)
     return Dataset(np.concatenate(features), np.concatenate(labels), paths, splits, classes)
 
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from retrain.atomic import atomic_file
 from retrain.errors import RetrainError
 from retrain.images import PREPROCESSING_VERSION, ImageError, decode_image, resize_image
+from retrain.paths import SPLITS
 
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)

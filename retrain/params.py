@@ -149,7 +149,6 @@ class EvaluateParams(_Section):
 
 class ExportParams(_Section):
     top_k: int = Field(ge=1, le=MAX_UNITS)
-    tflite: bool
     tflite_quantized: list[Literal["float16", "dynamic_range", "int8"]] = []
     max_quantization_drop: float = Field(default=1.0, ge=0, le=100)
     representative_images: int = Field(default=100, ge=1, le=10000)

@@ -33,6 +33,9 @@ MAX_BLOCKS = 1000
 # bigger call amortises building that pipeline; smaller ones still give every actor a share.
 MAX_BATCHES_PER_CALL = 8
 CALLS_PER_ACTOR = 4
+CPUS_PER_ACTOR = 1  # Ray's CPU reservation per backbone actor (`ray_actors: null` = one actor per CPU)
+ACTOR_THREADS = None  # XNNPACK threads per actor; None: the CPUs Ray gave it
+ACTOR_DECODE_THREADS = None  # decoding threads per actor; None: the local engine's (one per core)
 ACTOR_START_TIMEOUT_S = 600  # a backbone actor imports TensorFlow and loads the model: seconds, not minutes
 
 
@@ -46,6 +49,8 @@ class Job:
     cache_root: str
     augment: dict | None  # AugmentParams as a dict for views; None for the photos as they are
     runtime: str = "tensorflow"  # the driver's backbone.runtime: its features, its cache id
+    threads: int | None = None  # inference threads per actor; None: the CPUs Ray gave the actor
+    decode_threads: int | None = None  # decoding threads per actor; None: the local engine's default
 
 
 def feature_engine(params):
@@ -95,9 +100,14 @@ def _run(missing: dict, backbone, cache, batch_size, augment, address, actors, d
         run = connect(address)
         # FeatureCache keeps root/<backbone id>/p<version>: the actors rebuild it from the root.
         job = Job(backbone.name, backbone.image_size, backbone.id, str(cache.folder.parents[1]), augment,
-                  backbone.runtime)
-        computed, nodes = _map(missing, job, batch_size, actors or run["ray_cpus"], desc)
-        run["ray_nodes_used"] = nodes
+                  backbone.runtime, ACTOR_THREADS, ACTOR_DECODE_THREADS)
+        mapped = time.perf_counter()
+        computed, nodes, busy = _map(missing, job, batch_size, actors or max(1, run["ray_cpus"] // CPUS_PER_ACTOR),
+                                     desc)
+        # Where a job's time goes: the map (pool start, calls, the driver's iteration) and the
+        # seconds actors spent inside calls (busy ÷ (map × actors) says how well the pool is fed).
+        run.update({"ray_nodes_used": nodes, "ray_map_seconds": round(time.perf_counter() - mapped, 3),
+                    "ray_actor_busy_seconds": round(busy, 3)})
     seconds = time.perf_counter() - started
     return {"computed": computed, "seconds": round(seconds, 3),
             "images_per_second": round(computed / seconds, 2) if computed else 0.0, **run}
@@ -120,7 +130,9 @@ def connect(address: str | None = None) -> dict:
 
         # Actors find converted backbones where the driver does (the shared cache root), and keep
         # TensorFlow's start-up chatter out of the logs Ray forwards to the driver.
-        runtime_env = {"env_vars": {"RETRAIN_CACHE_DIR": str(cache_root()),
+        # Progress bars are off in the workers (tqdm reads TQDM_DISABLE when Ray imports it, before
+        # any actor runs): the driver shows the one bar.
+        runtime_env = {"env_vars": {"RETRAIN_CACHE_DIR": str(cache_root()), "TQDM_DISABLE": "1",
                                     "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
         try:
             if address:
@@ -139,8 +151,9 @@ def connect(address: str | None = None) -> dict:
             "ray_cpus": max(1, int(resources.get("CPU", 1)))}
 
 
-def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tuple[int, int]:
-    """Run the missing rows through an actor pool; (vectors computed, nodes that computed them)."""
+def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tuple[int, int, float]:
+    """Run the missing rows through an actor pool; (vectors computed, nodes that computed them,
+    seconds the actors spent in calls, all together)."""
     import ray.data
     from tqdm import tqdm
 
@@ -152,21 +165,22 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     dataset = ray.data.from_pandas(_blocks(missing, per_call))
     results = dataset.map_batches(
         _Embedder, fn_constructor_args=(job, batch_size), batch_size=per_call, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=CPUS_PER_ACTOR,
     )
-    computed, nodes = 0, set()
+    computed, nodes, busy = 0, set(), 0.0
     with tqdm(total=len(missing), unit="img", desc=f"{desc} (ray)", mininterval=1.0) as bar:
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 done = int(batch["computed"].sum())
                 computed += done
                 nodes.update(batch["node"].tolist())
+                busy += float(batch["busy"].sum())
                 bar.update(done)
         except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
             # Every finished batch is already in the cache: a rerun computes only the rest.
             raise RetrainError(f"bottlenecks.engine ray: the Ray job stopped after {computed} of {len(missing)} "
                                f"{desc} ({_first_line(e)}); rerun `dvc repro` to compute only the rest") from None
-    return computed, len(nodes)
+    return computed, len(nodes), busy
 
 
 def _blocks(missing: dict, per_call: int):
@@ -190,26 +204,33 @@ class _Embedder:
 
     That is `features.image_batches` (threaded decode with the one decoder, augmentation for views)
     into `features.fill_cache` (the backbone on its runtime, cache writes on a background thread):
-    the same code as `engine: local`, so the same vectors.
+    the same code as `engine: local`, so the same vectors. Only the threads differ: an actor runs
+    XNNPACK on as many threads as CPUs Ray gave it (passed to the interpreter, not read from the
+    environment), where the local engine takes every core of the machine.
     """
 
     def __init__(self, job: Job, batch_size: int):
         import ray
 
-        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        # As many inference threads as CPUs Ray gave this actor: the runtimes' default of one per
-        # core in every actor would oversubscribe the node. XNNPACK reads this when first imported;
-        # tqdm reads TQDM_DISABLE then too (the driver shows the one bar).
-        os.environ.setdefault("RETRAIN_XNNPACK_THREADS", str(cpus))
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from retrain.backbones import load_backbone
+        from retrain import features
+        from retrain.backbones import load_backbone, xnnpack
         from retrain.features import FeatureCache
 
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        if job.decode_threads:
+            features.DECODE_THREADS = job.decode_threads  # this actor's process only
         self.backbone = load_backbone(job.backbone, job.image_size, runtime=job.runtime)
         if self.backbone.id != job.backbone_id:
             raise RetrainError(f"backbone {job.backbone!r} loads as {self.backbone.id[:12]} on node "
                                f"{ray.get_runtime_context().get_node_id()[:12]}, not the driver's "
                                f"{job.backbone_id[:12]}; give every node the same weights and runtime")
+        # The model that extracts: the backbone's checked .tflite on `threads` XNNPACK threads, made
+        # here (weights packed once per actor, not in the first call); the SavedModel where the
+        # backbone did not convert.
+        self.model = self.backbone
+        if self.backbone.runtime == "xnnpack":
+            self.model = _OnXnnpack(xnnpack.Extractor(xnnpack.tflite_path(self.backbone.weights_id),
+                                                      threads=job.threads or cpus))
         self.cache = FeatureCache(Path(job.cache_root), self.backbone.id, self.backbone.feature_dim)
         self.transform = _transform(job.augment)
         self.batch_size = batch_size
@@ -218,12 +239,21 @@ class _Embedder:
     def __call__(self, batch: dict) -> dict:
         from retrain.features import fill_cache, image_batches
 
+        started = time.perf_counter()
         keys = [str(key) for key in batch["key"]]
         seeds = np.stack([batch["seed0"], batch["seed1"]], axis=1)
         images = image_batches([str(p) for p in batch["path"]], self.backbone.image_size, self.batch_size,
                                self.transform, seeds, extra=[keys])
-        computed = fill_cache(images, self.backbone, self.cache, len(keys), "")
-        return {"computed": np.array([computed]), "node": np.array([self.node])}
+        computed = fill_cache(images, self.model, self.cache, len(keys), "")
+        return {"computed": np.array([computed]), "node": np.array([self.node]),
+                "busy": np.array([time.perf_counter() - started])}
+
+
+class _OnXnnpack:
+    """What `fill_cache` calls (`extract`), on an XNNPACK extractor with the actor's thread count."""
+
+    def __init__(self, extractor):
+        self.extract = extractor.features
 
 
 def _transform(augment: dict | None):

@@ -41,8 +41,8 @@ as_pg() {  # PostgreSQL refuses to run as root: run its commands as the postgres
 
 BIN=$(pg_bin)
 [ -x "$MLFLOW" ] || die "$MLFLOW not found: run 'make venv' first (or set MLFLOW=/path/to/mlflow)"
-"$(dirname "$MLFLOW")/python" -c "import psycopg" 2>/dev/null \
-    || die "the team server needs the team extra (PostgreSQL driver): make venv EXTRAS=team, or pip install 'retrain[team]'"
+"$(dirname "$MLFLOW")/python" -c "import psycopg, flask_wtf" 2>/dev/null \
+    || die "the team server needs the team extra (PostgreSQL driver, basic auth): make venv EXTRAS=team, or pip install 'retrain[team]'"
 mkdir -p "$TEAM_DIR/artifacts" "$TEAM_DIR/run"
 DATA="$TEAM_DIR/pgdata"
 if [ "$(id -u)" = 0 ]; then

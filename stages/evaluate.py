@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from retrain import paths, tracking
-from retrain.errors import exit_on_error
+from retrain.errors import RetrainError, exit_on_error
 from retrain.evaluation import calibration_bins, evaluate_predictions, expected_calibration_error, mlflow_metrics
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import load_head, softmax
@@ -23,6 +23,9 @@ def evaluate():
     params = load_params()
     labels = load_labels(paths.FINETUNE_DIR)
     x_test, y_test, test_paths = load_split_arrays(paths.FINETUNE_DIR, "test")
+    if not len(y_test):
+        raise RetrainError("the test split is empty, nothing to evaluate; raise "
+                           "data.testing_percentage or add images, then rerun `dvc repro`")
     logits = load_head(paths.FINETUNE_HEAD).logits(x_test)
     probabilities = softmax(logits)
     metrics = evaluate_predictions(y_test, probabilities, labels, params.evaluate.top_k)

@@ -32,14 +32,13 @@ def export():
     backbone = load_backbone(name, image_size=size)
     labels = load_labels(paths.FINETUNE_DIR)
     classifier = build_classifier(backbone, load_head(paths.FINETUNE_HEAD), labels, params.export.top_k)
-    save_classifier(classifier, paths.MODEL_DIR, params.export.tflite)
+    save_classifier(classifier, paths.MODEL_DIR, tflite=True)  # retrain predict and the MLflow model run it
     with np.load(paths.PREDICTIONS, allow_pickle=False) as predictions:
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]
         test_labels = predictions["labels"]
     worst = check_reproduces(load_model(paths.MODEL_DIR), test_paths, expected)
-    tflite_metrics = (export_variants(classifier, paths.MODEL_DIR, params.export, params.seed,
-                                      train_image_paths(paths.SPLIT_CSV), test_paths, test_labels)
-                      if params.export.tflite else {})
+    tflite_metrics = export_variants(classifier, paths.MODEL_DIR, params.export, params.seed,
+                                     train_image_paths(paths.SPLIT_CSV), test_paths, test_labels)
     with tracking.stage_run("export", params) as run:
         import mlflow
 
@@ -48,11 +47,8 @@ def export():
         # Charts grouped under tflite/: <variant>_accuracy, _size_bytes, _latency_ms; whether written is a tag.
         run.log_metrics({k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")})
         run.set_tags({k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")})
-        if params.export.tflite:  # the served MLflow model runs model.tflite
-            model_uri = _log_model(test_paths[0], labels, params.export.top_k)
-            run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
-        else:
-            model_uri = "not logged (export.tflite: false; the MLflow model serves model.tflite)"
+        model_uri = _log_model(test_paths[0], labels, params.export.top_k)
+        run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
     print(f"exported to {paths.MODEL_DIR}/ (reproduces evaluate within {worst:.1e}); MLflow model {model_uri}; "
           f"register it with `retrain promote {run.run_name} --alias champion`")
 

@@ -41,11 +41,23 @@ def finetune():
             "finetune.best_epoch": summary["best_epoch"]} if summary["enabled"] else {}))
 
 
+MIN_CALIBRATION_IMAGES = 20  # fewer validation images say little about confidence
+
+
 def _calibrate() -> float:
-    """Fit the temperature on validation and fold it into data/finetune's head; 1.0 without validation."""
+    """Fit the temperature on validation and fold it into data/finetune's head.
+
+    1.0 (left as trained) when validation is too small or has no mistake to learn from: with every
+    answer right, the lowest validation loss lies at T → 0, a head sure of everything.
+    """
     head = load_head(paths.FINETUNE_HEAD)
     x_val, y_val, _ = load_split_arrays(paths.FINETUNE_DIR, "validation")
-    temperature = fit_temperature(head.logits(x_val), y_val) if len(y_val) else 1.0
+    logits = head.logits(x_val)
+    if len(y_val) < MIN_CALIBRATION_IMAGES or (logits.argmax(axis=1) == y_val).all():
+        print(f"not calibrated: {len(y_val)} validation images, {int((logits.argmax(axis=1) != y_val).sum())} of "
+              f"them wrong; calibration needs {MIN_CALIBRATION_IMAGES} or more and a mistake to learn from")
+        return 1.0
+    temperature = fit_temperature(logits, y_val)
     save_head(head.with_temperature(temperature), paths.FINETUNE_HEAD)
     print(f"calibrated: temperature {temperature:.3f} fitted on {len(y_val)} validation images")
     return float(temperature)

@@ -116,5 +116,5 @@ def generated_project(tmp_path_factory, name: str, backbone: Path, per_class: in
     (folder / "archive").mkdir()
     sha = publish(folder / "flowers", folder / "archive")
     root = make_project(tmp_path_factory.mktemp(name), str(folder / "archive/flowers.tgz"), sha, backbone)
-    set_params(root, **{"export.tflite": False, "train.epochs": 20})
+    set_params(root, **{"train.epochs": 20})
     return root

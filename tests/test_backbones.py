@@ -20,6 +20,7 @@ import tensorflow as tf
 from retrain.backbones import (DEFAULT_BACKBONE, PRESETS, describe_presets, efficientnet_lite,
                                load_backbone, presets, print_presets)
 from retrain.backbones.torch_pickle import load_state_dict
+from retrain.tf import efficientnet_lite as heavy_lite
 from retrain.errors import RetrainError
 from retrain.features import Example, FeatureCache, compute_features
 from imagegen import image_bytes

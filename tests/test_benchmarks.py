@@ -19,7 +19,7 @@ def harness_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("bench")
     command = [sys.executable, str(REPO / "benchmarks/run.py"), "--data", str(results / "absent.tgz"),
                "--images", "40", "--compare-images", "8", "--rounds", "1", "--sweep-experiments", "1",
-               "--results", str(results)]
+               "--sweep-before", "none", "--ray-rounds", "1", "--results", str(results)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result, json.loads((results / "latest.json").read_text())
@@ -86,3 +86,45 @@ def test_each_target_is_judged_from_the_measured_figures(harness_run):
     assert saved["sweep"]["experiments_logged"] == 1  # the queued experiment ran and logged its run
     assert verdict("queued head-only experiment", per_experiment(44.9)) is True
     assert verdict("queued head-only experiment", per_experiment(45.1)) is False
+
+    def startup(stage, ratio, imports_tf=False):
+        return lambda r: r["startup"][stage].update(vs_bare_import=ratio, imports_tensorflow=imports_tf)
+
+    what = {"split": "", "bottlenecks": " + model load + 1 image", "evaluate": " + head and test features"}
+    for stage in what:  # issue #25: lean stages start in a quarter of TensorFlow's import, without it
+        figure = f"start-up (imports{what[stage]}): {stage}"
+        assert verdict(figure, startup(stage, 0.2)) is True, stage
+        assert verdict(figure, startup(stage, 0.3)) is False, stage
+        assert verdict(figure, startup(stage, 0.2, imports_tf=True)) is False, stage
+
+    def predict(ratio=None, rss=None):
+        def edit(r):
+            if ratio is not None:
+                r["startup"]["predict"]["vs_bare_import"] = ratio
+            if rss is not None:
+                r["startup"]["predict"]["peak_rss_mb"] = rss
+
+        return edit
+
+    assert verdict("cold `retrain predict one.jpg`, default", predict(ratio=0.24)) is True
+    assert verdict("cold `retrain predict one.jpg`, default", predict(ratio=0.26)) is False
+    assert verdict("cold `retrain predict one.jpg`: peak RSS", predict(rss=290)) is True
+    assert verdict("cold `retrain predict one.jpg`: peak RSS", predict(rss=310)) is False
+
+    def before(seconds):  # the same sweep of an earlier commit, as `--sweep-before` adds it
+        return lambda r: r["sweep"].update(before={**r["sweep"], "rev": "old", "per_experiment_s": seconds})
+
+    now = saved["sweep"]["per_experiment_s"]
+    assert verdict("queued head-only experiment ÷", before(now / 0.59)) is True
+    assert verdict("queued head-only experiment ÷", before(now / 0.61)) is False
+
+    if "ray" in saved:  # part E, where ray is installed
+        def ray(**changes):
+            return lambda r: r["ray"].update(changes)
+
+        assert verdict("Ray ÷ local bottlenecks", ray(steady_ratio=0.86)) is True
+        assert verdict("Ray ÷ local bottlenecks", ray(steady_ratio=0.84)) is False
+        assert verdict("Ray's fixed cost", ray(fixed_difference_s=9.9)) is True
+        assert verdict("Ray's fixed cost", ray(fixed_difference_s=10.1)) is False
+        assert verdict("Ray's arrays", ray(arrays_identical=False)) is False
+        assert saved["ray"]["arrays_identical"], saved["ray"]["runs"]

@@ -1,6 +1,7 @@
 """The exported SavedModel takes image bytes; `retrain predict` uses it like predict.py did."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -130,3 +131,50 @@ def test_category_names_leave_labels_that_already_are_display_names(tmp_path):
         ["canterbury bells", "pink primrose", "sweet pea"]
     assert load_category_names(names, ["class_001", "class_002", "class_003"]) == \
         ["pink primrose", "canterbury bells", "sweet pea"]
+
+
+def test_predict_never_blocks_on_a_fifo_or_a_device_and_names_odd_files_on_one_line(exported, tmp_path, capsys):
+    import threading
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "red.png").write_bytes(image_bytes("PNG", COLOURS["red"], seed=2))
+    os.mkfifo(folder / "pipe.jpg")  # nobody writes to it: reading it would wait forever
+    odd = folder / "two\nlines.png"
+    odd.write_bytes(image_bytes("PNG", COLOURS["green"], seed=3))
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        folder=main(["predict", str(folder), "--model", str(exported["dir"]), "--top_k", "1"]),
+        named=main(["predict", str(folder / "pipe.jpg"), "/dev/zero", "--model", str(exported["dir"])])), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "predict blocked on a FIFO or a device"
+    captured = capsys.readouterr()
+    assert outcome == {"folder": 0, "named": 1}
+    assert f"skipped {folder / 'pipe.jpg'}: not an image" in captured.err
+    assert f"{folder / 'pipe.jpg'}: error: not a regular file" in captured.out
+    assert "/dev/zero: error: not a regular file" in captured.out
+    assert f"{folder}/two\\nlines.png" in captured.out  # escaped: a file name cannot forge a result line
+    assert not any(line.startswith("lines.png") for line in captured.out.splitlines())
+
+
+@pytest.mark.parametrize("damage", ["foreign", "garbage", "truncated"])
+def test_predict_with_a_model_that_is_not_ours_or_is_damaged_is_one_line(damage, exported, tiny_backbone, tmp_path, capsys):
+    import shutil
+
+    if damage == "foreign":  # a SavedModel, but not one export wrote (no labels signature)
+        model = tiny_backbone
+    elif damage == "garbage":
+        model = tmp_path / "broken"
+        shutil.copytree(exported["dir"] / "saved_model", model)
+        (model / "saved_model.pb").write_bytes(b"\x08\x01garbage" * 100)
+    else:
+        model = tmp_path / "cut.tflite"
+        whole = (exported["dir"] / "model.tflite").read_bytes()
+        model.write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "red.png").write_bytes(image_bytes("PNG", COLOURS["red"], seed=2))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tmp_path / "red.png"), "--model", str(model)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and error.count("\n") == 1 and error.startswith(f"error: {model}"), error
+    assert "Traceback" not in error

@@ -108,7 +108,7 @@ def test_repro_with_finetuning_on_and_off(tmp_path):
     make_class_folders(images, {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230)}, per_class=10)
     (tmp_path / "project").mkdir()
     root = make_project(tmp_path / "project", str(images), None, save_blocks_backbone(tmp_path / "blocks"))
-    set_params(root, **{"augment.copies": 2, "export.tflite": False})
+    set_params(root, **{"augment.copies": 2})
     first = run(root, "dvc", "repro")
     assert ran_stages(first) == ["download", "split", "bottlenecks", "train", "finetune", "evaluate", "export"]
     assert json.loads((root / "data/finetune/finetune.json").read_text()) == {"enabled": False}

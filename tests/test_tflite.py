@@ -169,3 +169,39 @@ def test_unknown_quantization_names_the_key():
     with pytest.raises(RetrainError, match=r"'export\.tflite_quantized\.0'"):
         parse_params(raw)
     assert file_name("float32") == "model.tflite" and file_name("int8") == "model_int8.tflite"
+
+
+def test_export_reuses_the_backbones_conversion_and_writes_each_heads_weights_in(tiny_backbone, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from retrain.backbones import load_backbone
+    from retrain.head import Head
+    from retrain.tf import tflite_convert
+    from retrain.tf.export import build_classifier
+
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    backbone = load_backbone(str(tiny_backbone))
+    rng = np.random.default_rng(1)
+
+    def classifier(seed):
+        rng = np.random.default_rng(seed)
+        head = Head([rng.normal(size=(backbone.feature_dim, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)],
+                    [rng.normal(size=6).astype(np.float32), rng.normal(size=3).astype(np.float32)], ["tanh", "softmax"])
+        return build_classifier(backbone, head, ["a", "b", "c"], top_k=1)
+
+    first = tflite_convert.float32_model(classifier(1))
+    (template,) = (tmp_path / "cache").rglob("classifiers/*.tflite")
+    converted = []
+    monkeypatch.setattr(tflite_convert, "convert", lambda *args: converted.append(args) or b"")  # must not be needed
+    second = tflite_convert.float32_model(classifier(2))
+    assert not converted and second != first and len(second) == len(first) == template.stat().st_size
+    images = rng.random((3, *backbone.image_size, 3)).astype(np.float32)
+    from retrain.backbones.xnnpack import interpreter
+
+    for seed, model in ((1, first), (2, second)):
+        runner = interpreter(model_content=model, num_threads=1)
+        expected = classifier(seed).classify_images(tf.constant(images))["probabilities"].numpy()
+        for image, probabilities in zip(images, expected):
+            runner.set_tensor(runner.get_input_details()[0]["index"], image[None])
+            runner.invoke()
+            np.testing.assert_allclose(runner.get_tensor(runner.get_output_details()[0]["index"])[0], probabilities, atol=1e-5)

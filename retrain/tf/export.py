@@ -22,7 +22,7 @@ from retrain.native_log import filtered_stderr
 from retrain.tf.graph_images import decode_image, resize_image
 from retrain.tf.head_training import TF_OPS
 from retrain.tf.image_header import check_pixels
-from retrain.tf.tflite_convert import convert
+from retrain.tf.tflite_convert import float32_model
 from retrain.tflite_metadata import write_metadata
 
 
@@ -36,6 +36,7 @@ class Classifier(tf.Module):
         self._features = backbone.features
         self._single_pass_features = backbone.single_pass_features
         self.image_size = tuple(backbone.image_size)
+        self._source, self._head = backbone, head  # plain attributes (not saved): for the cached TFLite conversion
         self.kernels = [tf.Variable(k, trainable=False, name=f"kernel_{i}") for i, k in enumerate(head.kernels)]
         self.biases = [tf.Variable(b, trainable=False, name=f"bias_{i}") for i, b in enumerate(head.biases)]
         self._activations = list(head.activations)
@@ -108,7 +109,7 @@ def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None
 
 def _to_tflite(classifier: Classifier, labels: list[str]) -> bytes:
     """The float32 single-image model with MediaPipe metadata (labels, normalisation) inside."""
-    return write_metadata(convert(classifier, "float32"), labels)
+    return write_metadata(float32_model(classifier), labels)
 
 
 def load_model(model_dir: Path):

@@ -3,6 +3,7 @@
 What each variant is and how it is judged: `retrain.tflite_variants` (no TensorFlow there).
 """
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from retrain.atomic import atomic_file
+from retrain.cache import backbones_root
+from retrain.head import Head
 from retrain.tflite_metadata import write_metadata
 from retrain.tflite_variants import (BASELINE, EVALUATION_THREADS, METRICS_FILE, VARIANTS, VariantResult, apply_drop_gate,
                                      evaluate_variants, file_name, flat_metrics, representative_images)
@@ -34,6 +37,76 @@ def convert(classifier, variant: str, representative: np.ndarray | None = None) 
     elif variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}")
     return converter.convert()
+
+
+# Bump when float32_model's templates or patching change.
+TEMPLATE_VERSION = "1"
+
+
+def float32_model(classifier) -> bytes:
+    """`convert(classifier, "float32")`, without converting the backbone again for every head.
+
+    Converting costs ~5 s, nearly all of it the backbone, which experiments on the head never
+    change. So the classifier is converted once per (backbone, head shapes and activations) with
+    a marker head of seeded random weights, kept as a template in `backbones_root()`, and each
+    export writes its own head's weights over the marker's bytes (found by value: each marker
+    array occurs once). The result is checked against TensorFlow on an image; anything unexpected
+    falls back to a full conversion.
+    """
+    head, backbone = classifier._head, classifier._source
+    key = hashlib.sha256(json.dumps([TEMPLATE_VERSION, tf.__version__, backbone.weights_id, list(classifier.image_size),
+                                     [list(k.shape) for k in head.kernels], head.activations]).encode()).hexdigest()
+    path = backbones_root() / "classifiers" / f"{key[:32]}.tflite"
+    marker = _marker_head(head, int(key[:8], 16))
+    try:
+        template = path.read_bytes()
+    except OSError:
+        from retrain.tf.export import build_classifier
+
+        template = convert(build_classifier(backbone, marker, ["marker"] * head.num_classes, 1), BASELINE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as temp:
+            temp.write_bytes(template)
+    model = _with_head(template, marker, head)
+    if model is None or not _agrees(model, classifier):
+        return convert(classifier, BASELINE)
+    return model
+
+
+def _marker_head(head: Head, seed: int) -> Head:
+    rng = np.random.default_rng(seed)
+    return Head([rng.standard_normal(k.shape).astype(np.float32) * 0.05 for k in head.kernels],
+                [rng.standard_normal(b.shape).astype(np.float32) * 0.05 for b in head.biases], list(head.activations))
+
+
+def _with_head(template: bytes, marker: Head, head: Head) -> bytes | None:
+    """template with every marker array's bytes replaced by head's (kernels may be stored
+    transposed, as FULLY_CONNECTED keeps them); None when a marker is not found exactly once."""
+    model = bytearray(template)
+    pairs = [(m, h) for m, h in zip(marker.kernels, head.kernels)] + [(m, h) for m, h in zip(marker.biases, head.biases)]
+    for old, new in pairs:
+        for layout in (lambda a: a, lambda a: a.T):
+            found = model.find(np.ascontiguousarray(layout(old)).tobytes())
+            if found >= 0:
+                break
+        if found < 0 or model.find(np.ascontiguousarray(layout(old)).tobytes(), found + 1) >= 0:
+            return None
+        replacement = np.ascontiguousarray(layout(new), dtype="<f4").tobytes()
+        model[found:found + len(replacement)] = replacement
+    return bytes(model)
+
+
+def _agrees(model: bytes, classifier, tolerance: float = 1e-4) -> bool:
+    """The patched model gives TensorFlow's probabilities on a seeded random image."""
+    from retrain.backbones.xnnpack import interpreter
+
+    image = np.random.default_rng(0).random((1, *classifier.image_size, 3), dtype=np.float32)
+    runner = interpreter(model_content=model, num_threads=1)
+    runner.set_tensor(runner.get_input_details()[0]["index"], image)
+    runner.invoke()
+    ours = runner.get_tensor(runner.get_output_details()[0]["index"])
+    theirs = classifier._classify_images(tf.constant(image), single_pass=True)["probabilities"].numpy()
+    return ours.shape == theirs.shape and float(np.max(np.abs(ours - theirs))) <= tolerance
 
 
 def _single_image(classifier, variant: str):
