@@ -16,8 +16,15 @@ import time
 import numpy as np
 
 from retrain.errors import RetrainError
-from retrain.features import (Example, FeatureCache, cached_vector, class_names, fill_cache, image_batches,
-                              write_features_npz)
+from retrain.features import (
+    Example,
+    FeatureCache,
+    cached_vector,
+    class_names,
+    fill_cache,
+    image_batches,
+    write_features_npz,
+)
 from retrain.params import AugmentParams
 
 # Bump when `retrain.tf.augment.augment_image` computes different pixels for the same params and seeds.

@@ -36,9 +36,13 @@ def backbones_root() -> Path:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         status = folder.stat()
     except OSError as error:
-        raise RetrainError(f"{folder}: cannot create the backbone cache folder ({error.strerror}); "
-                           "set RETRAIN_CACHE_DIR to a writable folder") from None
+        raise RetrainError(
+            f"{folder}: cannot create the backbone cache folder ({error.strerror}); "
+            "set RETRAIN_CACHE_DIR to a writable folder"
+        ) from None
     if status.st_uid != uid or status.st_mode & 0o022:
-        raise RetrainError(f"{folder}: owned by uid {status.st_uid} or writable by others, so its backbones could "
-                           f"run another user's code; remove it (it is rebuilt) or make it yours alone (chmod 700)")
+        raise RetrainError(
+            f"{folder}: owned by uid {status.st_uid} or writable by others, so its backbones could "
+            f"run another user's code; remove it (it is rebuilt) or make it yours alone (chmod 700)"
+        )
     return folder

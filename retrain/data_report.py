@@ -200,7 +200,9 @@ def write_report(
 ) -> dict:
     """Write label_issues.csv, near_duplicates.csv, suspects.png into out_dir and the metrics JSON.
 
-    image_root: where the photos' paths start (the project root). Returns the metrics.
+    image_root: where the photos' paths start (the project root). Returns the metrics, per-class
+    counts included; the JSON (`dvc metrics show`, `dvc exp show`) holds the totals only, so an
+    experiments table stays readable at any number of classes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +220,8 @@ def write_report(
     metrics = report_metrics(dataset, issues, pairs)
     Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(Path(metrics_json)) as temp:
-        temp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        totals = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
+        temp.write_text(json.dumps(totals, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

@@ -66,8 +66,9 @@ class Limits:
     @classmethod
     def of(cls, data) -> "Limits":
         """The limits set in params.yaml's `data:` section (a DataParams)."""
-        return cls(data.max_download_bytes, data.max_extracted_bytes, data.max_archive_entries,
-                   data.max_compression_ratio)
+        return cls(
+            data.max_download_bytes, data.max_extracted_bytes, data.max_archive_entries, data.max_compression_ratio
+        )
 
 
 class _TransientError(Exception):
@@ -118,6 +119,8 @@ def fetch_dataset(
         raise RetrainError(f"data.url {path}: not a .tgz/.tar(.gz/.bz2/.xz)/.zip archive or a folder of class folders")
     verify_sha256(path, sha256)
     return _extract(path, raw_dir, _archive_stem(path.name), limits, downloaded=False)
+
+
 def dataset_root(raw_dir: Path) -> Path:
     """The one dataset folder `fetch_dataset` left in raw_dir (what the split stage reads)."""
     raw_dir = Path(raw_dir)
@@ -146,8 +149,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str | None, *, key: str = "data", origin: str | None = None,
-                  remove_on_mismatch: bool = False) -> None:
+def verify_sha256(
+    path: Path, expected: str | None, *, key: str = "data", origin: str | None = None, remove_on_mismatch: bool = False
+) -> None:
     """Nothing when `expected` is None or is path's sha256; else a RetrainError naming the file (and
     `origin`, the URL it came from), both digests and the param to set (`key`.sha256).
     remove_on_mismatch: delete the file first, so a download that failed its check is never reused."""
@@ -242,9 +246,10 @@ def _content_range_total(response) -> int | None:
 def _stream_to(response, part: Path, offset: int, total: int | None, url: str, limits: Limits) -> None:
     written = offset
     label = posixpath.basename(urlparse(url).path)
-    with open(part, "ab" if offset else "wb") as f, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False
-    ) as bar:
+    with (
+        open(part, "ab" if offset else "wb") as f,
+        tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False) as bar,
+    ):
         # Raw bytes: a server that labels a .tgz "Content-Encoding: gzip" must not get it unpacked.
         for chunk in response.raw.stream(_CHUNK_BYTES, decode_content=False):
             if written + len(chunk) > limits.download_bytes:  # a server that lies about its length
@@ -296,12 +301,16 @@ class _Budget:
             self._breach(f"more than {self.limits.extracted_bytes} bytes", "data.max_extracted_bytes")
         if self.archive_bytes is not None and self.written > self.limits.compression_ratio * self.archive_bytes:
             ratio = f"{self.limits.compression_ratio:g}"
-            self._breach(f"more than {ratio} times its own {self.archive_bytes} bytes (a zip bomb?)",
-                         "data.max_compression_ratio")
+            self._breach(
+                f"more than {ratio} times its own {self.archive_bytes} bytes (a zip bomb?)",
+                "data.max_compression_ratio",
+            )
 
     def _breach(self, what: str, param: str) -> None:
-        raise RetrainError(f"{self.origin}: would extract {what}, over the limit {param}; the partial output "
-                           f"was removed and data/raw left as it was; if the data is trusted, raise {param}")
+        raise RetrainError(
+            f"{self.origin}: would extract {what}, over the limit {param}; the partial output "
+            f"was removed and data/raw left as it was; if the data is trusted, raise {param}"
+        )
 
     def report(self) -> None:
         """One stderr line per kind of skipped entry, naming the first few."""
@@ -357,8 +366,10 @@ def _archive_kind(archive: Path, downloaded: bool) -> str:
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         if downloaded:  # a cached error page would be served again on the next run
             archive.unlink(missing_ok=True)
-        raise RetrainError(f"{archive} is an HTML page, not an archive (the server sent an error or login "
-                           "page?); open data.url in a browser, or point it at a local copy")
+        raise RetrainError(
+            f"{archive} is an HTML page, not an archive (the server sent an error or login "
+            "page?); open data.url in a browser, or point it at a local copy"
+        )
     return "tar"
 
 
@@ -433,8 +444,9 @@ def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
             tar.extractall(dest, filter=_tar_filter(archive, budget))  # one pass over the stream
     except (tarfile.TarError, *_DECOMPRESS_ERRORS) as e:
         reason = str(e).splitlines()[0].rstrip(":")  # tarfile lists each method it tried, a line each
-        raise RetrainError(f"cannot extract {archive}: {reason}; the archive is damaged or not an archive, "
-                           "delete it and retry") from None
+        raise RetrainError(
+            f"cannot extract {archive}: {reason}; the archive is damaged or not an archive, delete it and retry"
+        ) from None
 
 
 def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
@@ -451,8 +463,9 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             for info in wanted:
                 _write_zip_entry(zf, info, dest, budget)
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, *_DECOMPRESS_ERRORS) as e:
-        raise RetrainError(f"cannot extract {archive}: {e}; the archive is damaged or not an archive, "
-                           "delete it and retry") from None
+        raise RetrainError(
+            f"cannot extract {archive}: {e}; the archive is damaged or not an archive, delete it and retry"
+        ) from None
 
 
 def _check_zip_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> bool:

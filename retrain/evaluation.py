@@ -116,9 +116,7 @@ def evaluate_predictions(y_true, probabilities, labels, top_k):
     """
     y_true, probabilities = _check_inputs(y_true, probabilities, labels, top_k)
     y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_f1(
-        confusion_matrix(y_true, y_pred, len(labels))
-    )
+    precision, recall, f1, support = precision_recall_f1(confusion_matrix(y_true, y_pred, len(labels)))
     p_true = probabilities[np.arange(len(y_true)), y_true]
     metrics = {
         "num_test_images": int(len(y_true)),
@@ -184,21 +182,15 @@ def _check_inputs(y_true, probabilities, labels, top_k):
     probabilities = np.asarray(probabilities, dtype=np.float64)
     num_classes = len(labels)
     if probabilities.ndim != 2 or probabilities.shape[1] != num_classes:
-        raise ValueError(
-            f"probabilities has shape {probabilities.shape}, expected [N, {num_classes}]"
-        )
+        raise ValueError(f"probabilities has shape {probabilities.shape}, expected [N, {num_classes}]")
     if y_true.shape != (probabilities.shape[0],) or not np.issubdtype(y_true.dtype, np.integer):
-        raise ValueError(
-            f"y_true must be int [{probabilities.shape[0]}], got {y_true.dtype} {y_true.shape}"
-        )
+        raise ValueError(f"y_true must be int [{probabilities.shape[0]}], got {y_true.dtype} {y_true.shape}")
     if len(set(labels)) != num_classes:
         raise ValueError(f"labels are not unique: {labels}")
     if y_true.size and (y_true.min() < 0 or y_true.max() >= num_classes):
         raise ValueError(f"y_true has class indices outside 0..{num_classes - 1}")
     if len(y_true) == 0:
-        raise RetrainError(
-            "the test split has no images: raise data.testing_percentage in params.yaml"
-        )
+        raise RetrainError("the test split has no images: raise data.testing_percentage in params.yaml")
     bad = [k for k in top_k if not 1 <= k <= num_classes]
     if bad:
         raise RetrainError(

@@ -30,7 +30,6 @@ from retrain.images import PREPROCESSING_VERSION, ImageError, decode_image, resi
 from retrain.paths import SPLITS
 
 
-
 @dataclass(frozen=True)
 class Example:
     """One row of split.csv: an image path (relative to the project root), its class and split."""
@@ -123,7 +122,7 @@ class FeatureCache:
             return None
         except OSError:
             return None
-        body = data[len(self._header): len(self._header) + 4 * self.feature_dim]
+        body = data[len(self._header) : len(self._header) + 4 * self.feature_dim]
         if len(data) == self._size and data.startswith(self._header) and data[-32:] == self._digest(sha256, body):
             return np.frombuffer(body, "<f4").astype(np.float32)
         path.unlink(missing_ok=True)
@@ -288,20 +287,19 @@ def write_features_npz(path: Path, vectors, shape: tuple[int, int], **arrays: np
     holds one row, not the whole array plus np.savez's 16 MiB copy buffers. A killed or failed write
     leaves the previous file (or none), never half of one.
     """
-    with atomic_file(path, ".npz") as temp:
-        with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("features.npy", "w", force_zip64=True) as out:
-                header = {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
-                np.lib.format.write_array_header_1_0(out, header)
-                written = 0
-                for vector in vectors:
-                    out.write(np.asarray(vector, dtype="<f4").reshape(shape[1]).tobytes())
-                    written += 1
-                if written != shape[0]:
-                    raise ValueError(f"{path}: {written} feature rows written, {shape[0]} expected")
-            for name, array in arrays.items():
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
-                    np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
+    with atomic_file(path, ".npz") as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("features.npy", "w", force_zip64=True) as out:
+            header = {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(out, header)
+            written = 0
+            for vector in vectors:
+                out.write(np.asarray(vector, dtype="<f4").reshape(shape[1]).tobytes())
+                written += 1
+            if written != shape[0]:
+                raise ValueError(f"{path}: {written} feature rows written, {shape[0]} expected")
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
 
 
 def load_split_arrays(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

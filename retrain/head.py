@@ -93,7 +93,9 @@ def save_head(head: Head, path: Path) -> None:
     """Save atomically: a killed stage leaves the previous head or none, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"kernel_{i}": k for i, k in enumerate(head.kernels)} | {f"bias_{i}": b for i, b in enumerate(head.biases)}
+    arrays = {f"kernel_{i}": k for i, k in enumerate(head.kernels)} | {
+        f"bias_{i}": b for i, b in enumerate(head.biases)
+    }
     with atomic_file(path, ".npz") as temp:
         np.savez(temp, activations=np.array(json.dumps(head.activations)), **arrays)
 

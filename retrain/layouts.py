@@ -109,12 +109,16 @@ def read_labels_csv(root: Path, name: str) -> list[Labelled]:
         text = read_capped_text(path, what="labels CSV", encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except FileNotFoundError:
-        raise RetrainError(f"data.labels: {path} not found; put the labels CSV in the dataset folder or set data.labels: null") from None
+        raise RetrainError(
+            f"data.labels: {path} not found; put the labels CSV in the dataset folder or set data.labels: null"
+        ) from None
     except (OSError, csv.Error) as e:
         raise RetrainError(f"data.labels: cannot read {path} ({e}); save it as UTF-8 CSV") from None
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if "path" not in header or "label" not in header:
-        raise RetrainError(f"{path}: the first line must name the columns path,label (got {','.join(header) or 'nothing'})")
+        raise RetrainError(
+            f"{path}: the first line must name the columns path,label (got {','.join(header) or 'nothing'})"
+        )
     at_path, at_label = header.index("path"), header.index("label")
     table = []
     for number, row in enumerate(rows[1:], start=2):
@@ -123,7 +127,11 @@ def read_labels_csv(root: Path, name: str) -> list[Labelled]:
         where = f"{name} line {number}"
         if len(row) <= max(at_path, at_label) or not row[at_label].strip():
             raise RetrainError(f"{path} line {number}: expected a path and a label, got {','.join(row)!r}")
-        label = check_label(row[at_label].strip(), f"{path} line {number}", "rename the class in the CSV (one line, no control characters)")
+        label = check_label(
+            row[at_label].strip(),
+            f"{path} line {number}",
+            "rename the class in the CSV (one line, no control characters)",
+        )
         table.append(Labelled(_relative_path(row[at_path], where), label, None, where))
     _check_unique(table, path)
     return table
@@ -141,7 +149,9 @@ def _check_unique(table: list[Labelled], source: Path) -> None:
     first = {}
     for entry in table:
         if entry.path in first:
-            raise RetrainError(f"{source}: {entry.path} is listed twice ({first[entry.path]} and {entry.where}); keep one line")
+            raise RetrainError(
+                f"{source}: {entry.path} is listed twice ({first[entry.path]} and {entry.where}); keep one line"
+            )
         first[entry.path] = entry.where
 
 
@@ -170,7 +180,9 @@ def _mat_vector(path: Path, key: str) -> list[int]:
     import scipy.io
 
     if not path.is_file():
-        raise RetrainError(f"{path} not found; list it in data.extra_files (Oxford 102's {path.name}) or put it beside jpg/")
+        raise RetrainError(
+            f"{path} not found; list it in data.extra_files (Oxford 102's {path.name}) or put it beside jpg/"
+        )
     data = read_capped(path, MAX_SMALL_FILE_BYTES, what="MATLAB file")
     _check_mat_expansion(path, data)
     try:
@@ -182,11 +194,19 @@ def _mat_vector(path: Path, key: str) -> list[int]:
         found = ", ".join(k for k in content if not k.startswith("__"))[:200] or "none"
         raise RetrainError(f"{path}: no variable {key!r} (found: {found}); is this Oxford 102's {path.name}?")
     values = np.asarray(values)
-    usable = (values.size > 0 and values.dtype.kind in "iuf" and np.all(np.isfinite(values))
-              and np.all(values == np.round(values)) and values.min() >= 1 and values.max() <= MAX_MAT_NUMBER)
+    usable = (
+        values.size > 0
+        and values.dtype.kind in "iuf"
+        and np.all(np.isfinite(values))
+        and np.all(values == np.round(values))
+        and values.min() >= 1
+        and values.max() <= MAX_MAT_NUMBER
+    )
     if not usable:
-        raise RetrainError(f"{path}: {key!r} must be positive whole numbers (1-based, at most {MAX_MAT_NUMBER}), "
-                           f"got {values.dtype} {values.shape}; download it again")
+        raise RetrainError(
+            f"{path}: {key!r} must be positive whole numbers (1-based, at most {MAX_MAT_NUMBER}), "
+            f"got {values.dtype} {values.shape}; download it again"
+        )
     return [int(v) for v in values.ravel()]
 
 
@@ -206,18 +226,22 @@ def _check_mat_expansion(path: Path, data: bytes) -> None:
     order = "<" if data[126:128] == b"IM" else ">"
     position, unpacked = 128, 0
     while position + 8 <= len(data):
-        kind, size = struct.unpack(order + "II", data[position:position + 8])
+        kind, size = struct.unpack(order + "II", data[position : position + 8])
         if kind == 15:
             inflater = zlib.decompressobj()
             try:
-                unpacked += len(inflater.decompress(data[position + 8:position + 8 + size], MAX_SMALL_FILE_BYTES + 1 - unpacked))
+                unpacked += len(
+                    inflater.decompress(data[position + 8 : position + 8 + size], MAX_SMALL_FILE_BYTES + 1 - unpacked)
+                )
             except zlib.error:
                 return  # damaged: scipy's own error names it
         else:
             unpacked += size
         if unpacked > MAX_SMALL_FILE_BYTES:
-            raise RetrainError(f"{path}: its variables unpack to more than {MAX_SMALL_FILE_BYTES} bytes "
-                               "(Oxford 102's take 66 kB); download the file again")
+            raise RetrainError(
+                f"{path}: its variables unpack to more than {MAX_SMALL_FILE_BYTES} bytes "
+                "(Oxford 102's take 66 kB); download the file again"
+            )
         position += 8 + size + (-size % 8 if kind != 15 else 0)
 
 
@@ -230,16 +254,28 @@ def _class_names(root: Path, numbers: list[int]) -> dict[int, str]:
     try:
         mapping = json.loads(read_capped_text(path, what="label map"))
     except (OSError, ValueError) as e:
-        raise RetrainError(f"{path}: not readable JSON ({str(e)[:200]}); fix it or remove it to use class_001 … names") from None
+        raise RetrainError(
+            f"{path}: not readable JSON ({str(e)[:200]}); fix it or remove it to use class_001 … names"
+        ) from None
     except RecursionError:
-        raise RetrainError(f"{path}: JSON nested too deeply to be a label map; fix it or remove it to use class_001 … names") from None
+        raise RetrainError(
+            f"{path}: JSON nested too deeply to be a label map; fix it or remove it to use class_001 … names"
+        ) from None
     if not isinstance(mapping, dict):
         raise RetrainError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
-    missing = [n for n in numbers if not isinstance(mapping.get(str(n)), (str, int, float)) or not str(mapping[str(n)]).strip()]
+    missing = [
+        n for n in numbers if not isinstance(mapping.get(str(n)), (str, int, float)) or not str(mapping[str(n)]).strip()
+    ]
     if missing:
-        raise RetrainError(f"{path}: no name for class {missing[0]} (of {len(missing)} missing); add it or remove the file")
-    names = {n: check_label(str(mapping[str(n)]).strip(), f"{path} class {n}", "fix that name (one line, no control characters)")
-             for n in numbers}
+        raise RetrainError(
+            f"{path}: no name for class {missing[0]} (of {len(missing)} missing); add it or remove the file"
+        )
+    names = {
+        n: check_label(
+            str(mapping[str(n)]).strip(), f"{path} class {n}", "fix that name (one line, no control characters)"
+        )
+        for n in numbers
+    }
     clash = _first_repeat(list(names.values()))
     if clash:
         raise RetrainError(f"{path}: the name {clash!r} is given to two classes; names must be distinct")
@@ -264,7 +300,9 @@ def _official_splits(root: Path, count: int) -> dict[int, str]:
             if number > count:
                 raise RetrainError(f"{path}: {key!r} lists image {number}, but {OXFORD_LABELS} has {count} images")
             if number in splits:
-                raise RetrainError(f"{path}: image {number} is in two sets ({splits[number]} and {split}); the file is damaged")
+                raise RetrainError(
+                    f"{path}: image {number} is in two sets ({splits[number]} and {split}); the file is damaged"
+                )
             splits[number] = split
     return splits
 
@@ -321,7 +359,9 @@ def place_oxford_images(root: Path) -> Path:
     if (root / "jpg").is_dir():
         return root
     if root.name != "jpg":
-        raise RetrainError(f"{root}: no jpg/ folder; data.layout: oxford102 expects 102flowers.tgz (jpg/image_00001.jpg …)")
+        raise RetrainError(
+            f"{root}: no jpg/ folder; data.layout: oxford102 expects 102flowers.tgz (jpg/image_00001.jpg …)"
+        )
     dataset = root.parent / "oxford102"
     shutil.rmtree(dataset, ignore_errors=True)
     dataset.mkdir()

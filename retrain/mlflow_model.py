@@ -43,25 +43,32 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         column = pd.DataFrame(model_input)["image"]
         if len(column) > MAX_IMAGES_PER_REQUEST:
-            raise _bad_input(f"{len(column)} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}; "
-                             "send them in several requests")
+            raise _bad_input(
+                f"{len(column)} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}; "
+                "send them in several requests"
+            )
         images, total = [], 0
         for i, value in enumerate(column):
             images.append(checked_image(i, value))
             total += len(images[-1])
             if total > MAX_REQUEST_BYTES:
                 raise _bad_input(f"request over the {MAX_REQUEST_BYTES} byte limit of images; send fewer per request")
-        probabilities = np.stack([self._probabilities(i, image) for i, image in enumerate(images)]) if images else \
-            np.zeros((0, len(self.labels)), np.float32)
+        probabilities = (
+            np.stack([self._probabilities(i, image) for i, image in enumerate(images)])
+            if images
+            else np.zeros((0, len(self.labels)), np.float32)
+        )
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
         labels = [[self.labels[j] for j in row] for row in order]
         top = [[float(p[j]) for j in row] for p, row in zip(probabilities, order)]
-        return pd.DataFrame({
-            "label": [row[0] for row in labels],
-            "probability": [row[0] for row in top],
-            "top_k_labels": labels,
-            "top_k_probabilities": top,
-        })
+        return pd.DataFrame(
+            {
+                "label": [row[0] for row in labels],
+                "probability": [row[0] for row in top],
+                "top_k_labels": labels,
+                "top_k_probabilities": top,
+            }
+        )
 
     def _probabilities(self, index: int, contents: bytes) -> np.ndarray:
         try:

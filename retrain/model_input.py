@@ -32,6 +32,8 @@ def backbone_spec(model_dir: Path) -> tuple[str, tuple[int, int] | None]:
     try:
         spec = json.loads((model_dir / "backbone.json").read_text())
     except FileNotFoundError:
-        raise RetrainError(f"{model_dir / 'backbone.json'}: not found; run the finetune stage (dvc repro finetune)") from None
+        raise RetrainError(
+            f"{model_dir / 'backbone.json'}: not found; run the finetune stage (dvc repro finetune)"
+        ) from None
     size = spec.get("image_size")
     return spec["name"], (size, size) if size else None

@@ -69,7 +69,9 @@ class DataParams(_Section):
     @model_validator(mode="after")
     def _layout_fits(self):
         if self.split == "official" and self.layout != "oxford102":
-            raise ValueError("split: official needs layout: oxford102 (only Oxford 102 ships its own split); use split: hash")
+            raise ValueError(
+                "split: official needs layout: oxford102 (only Oxford 102 ships its own split); use split: hash"
+            )
         if self.labels and self.layout != "folders":
             raise ValueError(f"labels: a labels CSV goes with layout: folders, not {self.layout}")
         if self.labels and (self.labels.startswith(("/", "\\")) or ".." in self.labels.replace("\\", "/").split("/")):
@@ -251,8 +253,9 @@ class _ParamsLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in params.yaml, at {_line(event)}; "
-                                 "write the value out")
+            raise yaml.YAMLError(
+                f"aliases (*{event.anchor}) are not allowed in params.yaml, at {_line(event)}; write the value out"
+            )
         self._depth = getattr(self, "_depth", 0) + 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -267,7 +270,9 @@ class _ParamsLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) or key is None:
                 if key in seen:
-                    raise yaml.YAMLError(f"duplicate key {str(key)[:80]!r} at {_line(key_node)}; keep one (DVC refuses the file)")
+                    raise yaml.YAMLError(
+                        f"duplicate key {str(key)[:80]!r} at {_line(key_node)}; keep one (DVC refuses the file)"
+                    )
                 seen.add(key)
         return super().construct_mapping(node, deep)
 

@@ -110,7 +110,9 @@ def _read_category_file(path: Path) -> dict:
         if not _is_regular(path):
             raise RetrainError(f"{path}: not a regular file; give a JSON object of label → display name")
         if path.stat().st_size > MAX_CATEGORY_FILE_BYTES:
-            raise RetrainError(f"{path}: over {MAX_CATEGORY_FILE_BYTES} bytes; give a JSON object of label → display name")
+            raise RetrainError(
+                f"{path}: over {MAX_CATEGORY_FILE_BYTES} bytes; give a JSON object of label → display name"
+            )
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
         raise RetrainError(f"{path}: cannot read category names ({type(error).__name__}); give a JSON object") from None
@@ -140,8 +142,9 @@ def _read_checked(path: Path) -> bytes:
     return contents
 
 
-def predict_files(model, files: list[Path], names: list[str], top_k: int | None,
-                  min_confidence: float | None = None) -> list[Prediction]:
+def predict_files(
+    model, files: list[Path], names: list[str], top_k: int | None, min_confidence: float | None = None
+) -> list[Prediction]:
     """Classify each file alone, so one bad file cannot spoil the others' answers.
 
     model: anything with `probabilities(encoded bytes) → float32 [C]` (`load_classifier`)."""
@@ -248,8 +251,10 @@ def run(args) -> int:
         raise RetrainError(f"no image files found in {' '.join(args.inputs)}")
     model, labels = load_classifier(Path(args.model))
     if args.top_k is not None and args.top_k > len(labels):
-        print(f"note: --top_k {args.top_k} is more than the model's {len(labels)} classes; showing all {len(labels)}",
-              file=sys.stderr)
+        print(
+            f"note: --top_k {args.top_k} is more than the model's {len(labels)} classes; showing all {len(labels)}",
+            file=sys.stderr,
+        )
     names = load_category_names(args.category_names, labels)
     results = predict_files(model, files, names, args.top_k, getattr(args, "min_confidence", None))
     if args.json:
@@ -263,7 +268,10 @@ def run(args) -> int:
                 if not result.error and (saved := show(result, Path.cwd())):
                     print(f"saved {_printable(str(saved))}", file=sys.stderr)
             except OSError as error:  # a link or an unwritable folder where the picture would go
-                print(f"error: cannot save the picture of {_printable(result.path)} in {Path.cwd()} "
-                      f"({error.strerror or error}); run from a folder you can write to", file=sys.stderr)
+                print(
+                    f"error: cannot save the picture of {_printable(result.path)} in {Path.cwd()} "
+                    f"({error.strerror or error}); run from a folder you can write to",
+                    file=sys.stderr,
+                )
                 failed = True
     return 1 if failed else 0

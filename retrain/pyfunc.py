@@ -19,8 +19,14 @@ def pyfunc_model(model_dir: Path, labels: list[str], top_k: int) -> dict:
 
     model_dir = Path(model_dir)
     classes = model_dir / "classes.json"
-    classes.write_text(json.dumps({"labels": labels, "top_k": min(top_k, len(labels)), "mean": PIXEL_MEAN,
-                                   "std": PIXEL_STD}, ensure_ascii=False) + "\n", encoding="utf-8")
+    classes.write_text(
+        json.dumps(
+            {"labels": labels, "top_k": min(top_k, len(labels)), "mean": PIXEL_MEAN, "std": PIXEL_STD},
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     package = Path(retrain.__file__).parent
     versions = {name: importlib.metadata.version(name) for name in ("ai-edge-litert", "numpy", "pillow", "pandas")}
     return {

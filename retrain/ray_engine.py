@@ -15,6 +15,7 @@ filesystem on a real cluster (see docs/scale.md). Ray is imported only when this
 import functools
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ CALLS_PER_ACTOR = 4
 CPUS_PER_ACTOR = 1  # Ray's CPU reservation per backbone actor (`ray_actors: null` = one actor per CPU)
 ACTOR_THREADS = None  # XNNPACK threads per actor; None: the CPUs Ray gave it
 ACTOR_DECODE_THREADS = None  # decoding threads per actor; None: the local engine's (one per core)
-ACTOR_START_TIMEOUT_S = 600  # a backbone actor imports TensorFlow and loads the model: seconds, not minutes
+ACTOR_START_TIMEOUT_S = 600  # an actor opens the backbone's .tflite (no TensorFlow): seconds, not minutes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Job:
     augment: dict | None  # AugmentParams as a dict for views; None for the photos as they are
     runtime: str = "tensorflow"  # the driver's backbone.runtime: its features, its cache id
     threads: int | None = None  # inference threads per actor; None: the CPUs Ray gave the actor
+    weights_id: str = ""  # backbone.weights_id: names its checked .tflite in the shared cache
+    feature_dim: int = 0
     decode_threads: int | None = None  # decoding threads per actor; None: the local engine's default
 
 
@@ -63,8 +66,10 @@ def feature_engine(params):
         from retrain import augment, features
 
         return features.compute_features, augment.compute_views
-    return (functools.partial(compute_features, address=params.ray_address, actors=params.ray_actors),
-            functools.partial(compute_views, address=params.ray_address, actors=params.ray_actors))
+    return (
+        functools.partial(compute_features, address=params.ray_address, actors=params.ray_actors),
+        functools.partial(compute_views, address=params.ray_address, actors=params.ray_actors),
+    )
 
 
 def compute_features(examples, backbone, cache, batch_size: int, *, address=None, actors=None) -> dict:
@@ -99,18 +104,40 @@ def _run(missing: dict, backbone, cache, batch_size, augment, address, actors, d
     if missing:
         run = connect(address)
         # FeatureCache keeps root/<backbone id>/p<version>: the actors rebuild it from the root.
-        job = Job(backbone.name, backbone.image_size, backbone.id, str(cache.folder.parents[1]), augment,
-                  backbone.runtime, ACTOR_THREADS, ACTOR_DECODE_THREADS)
+        job = Job(
+            backbone=backbone.name,
+            image_size=backbone.image_size,
+            backbone_id=backbone.id,
+            cache_root=str(cache.folder.parents[1]),
+            augment=augment,
+            runtime=backbone.runtime,
+            threads=ACTOR_THREADS,
+            decode_threads=ACTOR_DECODE_THREADS,
+            weights_id=backbone.weights_id,
+            feature_dim=backbone.feature_dim,
+        )
         mapped = time.perf_counter()
-        computed, nodes, busy = _map(missing, job, batch_size, actors or max(1, run["ray_cpus"] // CPUS_PER_ACTOR),
-                                     desc)
+        computed, nodes, busy, tensorflow = _map(
+            missing, job, batch_size, actors or max(1, run["ray_cpus"] // CPUS_PER_ACTOR), desc
+        )
         # Where a job's time goes: the map (pool start, calls, the driver's iteration) and the
         # seconds actors spent inside calls (busy ÷ (map × actors) says how well the pool is fed).
-        run.update({"ray_nodes_used": nodes, "ray_map_seconds": round(time.perf_counter() - mapped, 3),
-                    "ray_actor_busy_seconds": round(busy, 3)})
+        # And whether the actors loaded TensorFlow: photos need none (views do: TF's random ops).
+        run.update(
+            {
+                "ray_nodes_used": nodes,
+                "ray_map_seconds": round(time.perf_counter() - mapped, 3),
+                "ray_actor_busy_seconds": round(busy, 3),
+                "ray_actors_imported_tensorflow": tensorflow,
+            }
+        )
     seconds = time.perf_counter() - started
-    return {"computed": computed, "seconds": round(seconds, 3),
-            "images_per_second": round(computed / seconds, 2) if computed else 0.0, **run}
+    return {
+        "computed": computed,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(computed / seconds, 2) if computed else 0.0,
+        **run,
+    }
 
 
 def connect(address: str | None = None) -> dict:
@@ -121,7 +148,9 @@ def connect(address: str | None = None) -> dict:
     try:
         import ray
     except ImportError:
-        raise RetrainError("bottlenecks.engine ray needs the ray extra: pip install 'retrain[ray]' (make venv EXTRAS=ray)") from None
+        raise RetrainError(
+            "bottlenecks.engine ray needs the ray extra: pip install 'retrain[ray]' (make venv EXTRAS=ray)"
+        ) from None
 
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -132,28 +161,41 @@ def connect(address: str | None = None) -> dict:
         # TensorFlow's start-up chatter out of the logs Ray forwards to the driver.
         # Progress bars are off in the workers (tqdm reads TQDM_DISABLE when Ray imports it, before
         # any actor runs): the driver shows the one bar.
-        runtime_env = {"env_vars": {"RETRAIN_CACHE_DIR": str(cache_root()), "TQDM_DISABLE": "1",
-                                    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+        runtime_env = {
+            "env_vars": {
+                "RETRAIN_CACHE_DIR": str(cache_root()),
+                "TQDM_DISABLE": "1",
+                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            }
+        }
         try:
             if address:
                 ray.init(address=address, runtime_env=runtime_env, logging_level="warning")
             else:
                 # "local": a new Ray of its own, never one that happens to run on this machine.
-                ray.init(address="local", object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env,
-                         logging_level="warning")
+                ray.init(
+                    address="local",
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    runtime_env=runtime_env,
+                    logging_level="warning",
+                )
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
-            raise RetrainError(f"bottlenecks.engine ray: cannot start or join {where} ({_first_line(e)}); "
-                               "check bottlenecks.ray_address / RAY_ADDRESS, or set bottlenecks.engine: local") from None
+            raise RetrainError(
+                f"bottlenecks.engine ray: cannot start or join {where} ({_first_line(e)}); "
+                "check bottlenecks.ray_address / RAY_ADDRESS, or set bottlenecks.engine: local"
+            ) from None
     resources = ray.cluster_resources()
-    return {"ray_start_seconds": round(time.perf_counter() - started, 3),
-            "ray_nodes": sum(1 for node in ray.nodes() if node.get("Alive")),
-            "ray_cpus": max(1, int(resources.get("CPU", 1)))}
+    return {
+        "ray_start_seconds": round(time.perf_counter() - started, 3),
+        "ray_nodes": sum(1 for node in ray.nodes() if node.get("Alive")),
+        "ray_cpus": max(1, int(resources.get("CPU", 1))),
+    }
 
 
-def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tuple[int, int, float]:
+def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tuple[int, int, float, bool]:
     """Run the missing rows through an actor pool; (vectors computed, nodes that computed them,
-    seconds the actors spent in calls, all together)."""
+    seconds the actors spent in calls, all together, whether any actor had imported TensorFlow)."""
     import ray.data
     from tqdm import tqdm
 
@@ -164,10 +206,14 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
     per_call = batch_size * min(MAX_BATCHES_PER_CALL, max(1, batches))
     dataset = ray.data.from_pandas(_blocks(missing, per_call))
     results = dataset.map_batches(
-        _Embedder, fn_constructor_args=(job, batch_size), batch_size=per_call, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=CPUS_PER_ACTOR,
+        _Embedder,
+        fn_constructor_args=(job, batch_size),
+        batch_size=per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=CPUS_PER_ACTOR,
     )
-    computed, nodes, busy = 0, set(), 0.0
+    computed, nodes, busy, tensorflow = 0, set(), 0.0, False
     with tqdm(total=len(missing), unit="img", desc=f"{desc} (ray)", mininterval=1.0) as bar:
         try:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
@@ -175,12 +221,15 @@ def _map(missing: dict, job: Job, batch_size: int, actors: int, desc: str) -> tu
                 computed += done
                 nodes.update(batch["node"].tolist())
                 busy += float(batch["busy"].sum())
+                tensorflow = tensorflow or bool(batch["tensorflow"].any())
                 bar.update(done)
         except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
             # Every finished batch is already in the cache: a rerun computes only the rest.
-            raise RetrainError(f"bottlenecks.engine ray: the Ray job stopped after {computed} of {len(missing)} "
-                               f"{desc} ({_first_line(e)}); rerun `dvc repro` to compute only the rest") from None
-    return computed, len(nodes), busy
+            raise RetrainError(
+                f"bottlenecks.engine ray: the Ray job stopped after {computed} of {len(missing)} "
+                f"{desc} ({_first_line(e)}); rerun `dvc repro` to compute only the rest"
+            ) from None
+    return computed, len(nodes), busy, tensorflow
 
 
 def _blocks(missing: dict, per_call: int):
@@ -196,11 +245,11 @@ def _blocks(missing: dict, per_call: int):
     seeds = np.array([seed for _, seed in missing.values()], np.int32).reshape(-1, 2)
     rows = pd.DataFrame({"key": keys, "path": paths, "seed0": seeds[:, 0], "seed1": seeds[:, 1]})
     per_block = per_call * max(1, math.ceil(len(rows) / per_call / MAX_BLOCKS))
-    return [rows.iloc[i:i + per_block] for i in range(0, len(rows), per_block)]
+    return [rows.iloc[i : i + per_block] for i in range(0, len(rows), per_block)]
 
 
 class _Embedder:
-    """A Ray actor: the backbone loaded once; each call runs the local engine's pipeline over its rows.
+    """A Ray actor: the backbone's model opened once; each call runs the local engine's pipeline over its rows.
 
     That is `features.image_batches` (threaded decode with the one decoder, augmentation for views)
     into `features.fill_cache` (the backbone on its runtime, cache writes on a background thread):
@@ -213,28 +262,36 @@ class _Embedder:
         import ray
 
         from retrain import features
-        from retrain.backbones import load_backbone, xnnpack
+        from retrain.backbones import xnnpack
         from retrain.features import FeatureCache
 
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        node = ray.get_runtime_context().get_node_id()
         if job.decode_threads:
             features.DECODE_THREADS = job.decode_threads  # this actor's process only
-        self.backbone = load_backbone(job.backbone, job.image_size, runtime=job.runtime)
-        if self.backbone.id != job.backbone_id:
-            raise RetrainError(f"backbone {job.backbone!r} loads as {self.backbone.id[:12]} on node "
-                               f"{ray.get_runtime_context().get_node_id()[:12]}, not the driver's "
-                               f"{job.backbone_id[:12]}; give every node the same weights and runtime")
-        # The model that extracts: the backbone's checked .tflite on `threads` XNNPACK threads, made
-        # here (weights packed once per actor, not in the first call); the SavedModel where the
-        # backbone did not convert.
-        self.model = self.backbone
-        if self.backbone.runtime == "xnnpack":
-            self.model = _OnXnnpack(xnnpack.Extractor(xnnpack.tflite_path(self.backbone.weights_id),
-                                                      threads=job.threads or cpus))
-        self.cache = FeatureCache(Path(job.cache_root), self.backbone.id, self.backbone.feature_dim)
+        if job.runtime == "xnnpack":
+            # Only what it runs: the driver's checked .tflite (named by the weights' hash, so these are
+            # the driver's weights) on `threads` XNNPACK threads, from the shared cache root. Nothing
+            # to load or check in TensorFlow; the weights are packed here, once per actor.
+            path = xnnpack.tflite_path(job.weights_id)
+            if not path.is_file():
+                raise RetrainError(
+                    f"node {node[:12]} cannot read the converted backbone {path}; the cache root "
+                    "must be the same shared path on every node (docs/scale.md)"
+                )
+            self.model = _OnXnnpack(xnnpack.Extractor(path, threads=job.threads or cpus))
+        else:  # a backbone that did not convert runs its SavedModel in TensorFlow, loaded and checked here
+            from retrain.backbones import load_backbone
+
+            self.model = load_backbone(job.backbone, job.image_size)
+            if self.model.id != job.backbone_id:
+                raise RetrainError(
+                    f"backbone {job.backbone!r} loads as {self.model.id[:12]} on node {node[:12]}, "
+                    f"not the driver's {job.backbone_id[:12]}; give every node the same weights"
+                )
+        self.cache = FeatureCache(Path(job.cache_root), job.backbone_id, job.feature_dim)
         self.transform = _transform(job.augment)
-        self.batch_size = batch_size
-        self.node = ray.get_runtime_context().get_node_id()
+        self.image_size, self.batch_size, self.node = job.image_size, batch_size, node
 
     def __call__(self, batch: dict) -> dict:
         from retrain.features import fill_cache, image_batches
@@ -242,11 +299,16 @@ class _Embedder:
         started = time.perf_counter()
         keys = [str(key) for key in batch["key"]]
         seeds = np.stack([batch["seed0"], batch["seed1"]], axis=1)
-        images = image_batches([str(p) for p in batch["path"]], self.backbone.image_size, self.batch_size,
-                               self.transform, seeds, extra=[keys])
+        images = image_batches(
+            [str(p) for p in batch["path"]], self.image_size, self.batch_size, self.transform, seeds, extra=[keys]
+        )
         computed = fill_cache(images, self.model, self.cache, len(keys), "")
-        return {"computed": np.array([computed]), "node": np.array([self.node]),
-                "busy": np.array([time.perf_counter() - started])}
+        return {
+            "computed": np.array([computed]),
+            "node": np.array([self.node]),
+            "busy": np.array([time.perf_counter() - started]),
+            "tensorflow": np.array(["tensorflow" in sys.modules]),
+        }
 
 
 class _OnXnnpack:

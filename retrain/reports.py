@@ -56,9 +56,7 @@ def write_reports(out_dir, y_true, probabilities, labels, image_paths, history=N
         "per_class.csv": lambda p: write_per_class_csv(p, confusion, labels),
         "per_class.md": lambda p: write_per_class_markdown(p, confusion, labels),
         "reliability.png": lambda p: plot_reliability(p, bins),
-        "misclassified.html": lambda p: write_misclassified_html(
-            p, y_true, probabilities, labels, image_paths, shown
-        ),
+        "misclassified.html": lambda p: write_misclassified_html(p, y_true, probabilities, labels, image_paths, shown),
     }
     if history:
         writers["learning_curves.png"] = lambda p: plot_learning_curves(p, history)
@@ -83,8 +81,7 @@ def per_class_rows(confusion, labels):
     The averages match sklearn's classification_report; both rows carry the total support.
     """
     precision, recall, f1, support = evaluation.precision_recall_f1(confusion)
-    rows = [(label, *map(float, values), int(n))
-            for label, *values, n in zip(labels, precision, recall, f1, support)]
+    rows = [(label, *map(float, values), int(n)) for label, *values, n in zip(labels, precision, recall, f1, support)]
     columns = np.stack([precision, recall, f1])
     total = int(support.sum())
     weighted = columns @ support / total if total else np.zeros(3)
@@ -170,14 +167,23 @@ def plot_reliability(path, bins):
     filled = bins.counts > 0
     fig = Figure(figsize=(6, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.bar(centres[filled], bins.accuracy[filled], width[filled], edgecolor="black",
-            color="tab:blue", label="Accuracy")
+    top.bar(
+        centres[filled], bins.accuracy[filled], width[filled], edgecolor="black", color="tab:blue", label="Accuracy"
+    )
     gap = bins.confidence[filled] - bins.accuracy[filled]
-    top.bar(centres[filled], gap, width[filled], bottom=bins.accuracy[filled], color="tab:red",
-            alpha=0.3, hatch="//", edgecolor="tab:red", label="Gap to confidence")
+    top.bar(
+        centres[filled],
+        gap,
+        width[filled],
+        bottom=bins.accuracy[filled],
+        color="tab:red",
+        alpha=0.3,
+        hatch="//",
+        edgecolor="tab:red",
+        label="Gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "--", color="grey", label="Perfect calibration")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy",
-            title=f"Reliability diagram (ECE = {ece:.3f})")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=f"Reliability diagram (ECE = {ece:.3f})")
     top.legend(loc="upper left")
     bottom.bar(centres, bins.counts, width, edgecolor="black", color="tab:grey")
     bottom.set(xlabel="Confidence (max probability)", ylabel="Images")
@@ -212,8 +218,9 @@ def top_misclassified(y_true, probabilities, labels, image_paths, limit=None):
     probabilities = np.asarray(probabilities)
     predicted = probabilities.argmax(axis=1)
     return [
-        Misclassified(str(image_paths[i]), labels[y_true[i]], labels[predicted[i]],
-                      float(probabilities[i, predicted[i]]))
+        Misclassified(
+            str(image_paths[i]), labels[y_true[i]], labels[predicted[i]], float(probabilities[i, predicted[i]])
+        )
         for i in _worst_first(y_true, probabilities)[:limit]
     ]
 
@@ -237,10 +244,15 @@ def write_misclassified_html(path, y_true, probabilities, labels, image_paths, t
     rows = []
     for i in order:
         ranked = np.argsort(-probabilities[i], kind="stable")[:top_k]
-        rows.append(_misclassified_row(
-            image_paths[i], labels[y_true[i]], labels[ranked[0]], probabilities[i, ranked[0]],
-            [(labels[c], probabilities[i, c]) for c in ranked],
-        ))
+        rows.append(
+            _misclassified_row(
+                image_paths[i],
+                labels[y_true[i]],
+                labels[ranked[0]],
+                probabilities[i, ranked[0]],
+                [(labels[c], probabilities[i, c]) for c in ranked],
+            )
+        )
     summary = f"{len(order)} of {len(y_true)} test images misclassified, most confident first."
     page = _HTML_PAGE.format(summary=html.escape(summary), rows="\n".join(rows), top_k=top_k)
     Path(path).write_text(page, encoding="utf-8")

@@ -31,7 +31,9 @@ def read_capped(path, limit: int = MAX_SMALL_FILE_BYTES, what: str = "file") -> 
         if not stat.S_ISREG(info.st_mode):
             raise RetrainError(f"{path}: not a regular file (a FIFO, device or folder); give the {what} itself")
         if info.st_size > limit:
-            raise RetrainError(f"{path}: {info.st_size} bytes, over the {limit} byte limit for a {what}; is it the right file?")
+            raise RetrainError(
+                f"{path}: {info.st_size} bytes, over the {limit} byte limit for a {what}; is it the right file?"
+            )
         data = f.read(limit + 1)  # the file may grow after fstat
     if len(data) > limit:
         raise RetrainError(f"{path}: over the {limit} byte limit for a {what}; is it the right file?")

@@ -71,7 +71,7 @@ class Listing:
 
 
 def assign_split(filename: str, validation_percentage: float, testing_percentage: float) -> str:
-    """"train", "validation" or "test" for a file, by TensorFlow's retrain.py rule (`which_set`).
+    """ "train", "validation" or "test" for a file, by TensorFlow's retrain.py rule (`which_set`).
 
     Only the base name counts, and anything after "_nohash_" in it is ignored, so variants of one
     photo ("cat_nohash_1.jpg", "cat_nohash_2.jpg") always share a split.
@@ -93,7 +93,9 @@ def class_names(root: Path) -> list[str]:
         raise RetrainError(f"{root} is not a folder; run the download stage first (dvc repro download)")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     for name in names:  # a class name must survive labels.txt (one a line) and every CSV
-        layouts.check_label(name, f"class folder in {root}", "rename the folder (one line, UTF-8, no control characters)")
+        layouts.check_label(
+            name, f"class folder in {root}", "rename the folder (one line, UTF-8, no control characters)"
+        )
     if not names:
         raise RetrainError(
             f"no class folders in {root}: put the images in one folder per class, e.g. {root}/daisy/1.jpg"
@@ -116,13 +118,17 @@ def scan_dataset(
     return check_files(listing.candidates, listing.rejected, max_image_pixels=max_image_pixels, workers=workers)
 
 
-def list_dataset(root: Path, *, layout: str = "folders", labels: str | None = None, official_split: bool = False) -> Listing:
+def list_dataset(
+    root: Path, *, layout: str = "folders", labels: str | None = None, official_split: bool = False
+) -> Listing:
     """The candidates of `root`: class folders, or the images a labels CSV (`labels`, relative to
     root) or Oxford 102's files (layout "oxford102") list, with that dataset's split if asked."""
     root = Path(root)
     if layout == "oxford102":
         own = {layouts.OXFORD_LABELS, layouts.OXFORD_SETS, *layouts.OXFORD_NAMES}
-        return _listing_from_table(root, layouts.read_oxford102(root, official_split), layouts.OXFORD_LABELS, own, official_split)
+        return _listing_from_table(
+            root, layouts.read_oxford102(root, official_split), layouts.OXFORD_LABELS, own, official_split
+        )
     if labels:
         table = layouts.read_labels_csv(root, labels)
         return _listing_from_table(root, table, labels, {Path(labels).as_posix()}, official_split=False)
@@ -375,7 +381,9 @@ def _listing_from_table(root: Path, table: list, source: str, own_files: set[str
             rejected.append(Rejection(path, f"not listed in {source}, skipped"))
     classes = sorted({entry.label for entry in table})
     if len(classes) < 2:
-        raise RetrainError(f"{root / source}: lists {len(classes)} class{'es' * (len(classes) != 1)}; a classifier needs at least two")
+        raise RetrainError(
+            f"{root / source}: lists {len(classes)} class{'es' * (len(classes) != 1)}; a classifier needs at least two"
+        )
     return Listing(candidates, rejected, classes, official)
 
 
@@ -402,13 +410,17 @@ def _walk_class(folder: Path, label: str, candidates: list, rejected: list) -> N
             if _is_hidden(name):
                 rejected.append(Rejection(Path(dirpath, name), "hidden folder, skipped"))
             elif not _is_utf8(name):
-                rejected.append(Rejection(Path(dirpath, _shown(name)), "folder name is not valid UTF-8, skipped; rename it"))
+                rejected.append(
+                    Rejection(Path(dirpath, _shown(name)), "folder name is not valid UTF-8, skipped; rename it")
+                )
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and _is_utf8(d))
         for name in sorted(filenames):
             if _is_hidden(name):
                 rejected.append(Rejection(Path(dirpath, name), "hidden file, skipped"))
             elif not _is_utf8(name):  # it could be written to no CSV: named with \x escapes instead
-                rejected.append(Rejection(Path(dirpath, _shown(name)), "file name is not valid UTF-8, skipped; rename it"))
+                rejected.append(
+                    Rejection(Path(dirpath, _shown(name)), "file name is not valid UTF-8, skipped; rename it")
+                )
             else:
                 candidates.append((Path(dirpath, name), label))
 

@@ -44,9 +44,14 @@ def _histogram(array: np.ndarray, bins: int = 30) -> summary_pb2.HistogramProto:
     values = np.asarray(array, np.float64).ravel()
     counts, edges = np.histogram(values, bins=bins) if values.size else (np.zeros(0), np.zeros(1))
     return summary_pb2.HistogramProto(
-        min=float(values.min()) if values.size else 0.0, max=float(values.max()) if values.size else 0.0,
-        num=float(values.size), sum=float(values.sum()), sum_squares=float(np.sum(values**2)),
-        bucket_limit=[float(e) for e in edges[1:]], bucket=[float(c) for c in counts])
+        min=float(values.min()) if values.size else 0.0,
+        max=float(values.max()) if values.size else 0.0,
+        num=float(values.size),
+        sum=float(values.sum()),
+        sum_squares=float(np.sum(values**2)),
+        bucket_limit=[float(e) for e in edges[1:]],
+        bucket=[float(c) for c in counts],
+    )
 
 
 class TensorBoard:
@@ -80,8 +85,9 @@ class TensorBoard:
                 image.thumbnail((size, size))
                 png = io.BytesIO()
                 image.save(png, format="PNG")
-                picture = summary_pb2.Summary.Image(height=image.height, width=image.width, colorspace=3,
-                                                    encoded_image_string=png.getvalue())
+                picture = summary_pb2.Summary.Image(
+                    height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue()
+                )
                 name = f"misclassified/{miss.true_label} as {miss.predicted_label} ({miss.confidence:.2f})"
                 file.add(step, summary_pb2.Summary.Value(tag=name, image=picture))
                 shown += 1

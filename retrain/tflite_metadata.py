@@ -91,7 +91,9 @@ def read_metadata(model: bytes, source: str) -> TfliteMetadata:
         with zipfile.ZipFile(io.BytesIO(model)) as packed:
             labels = packed.read("labels.txt").decode("utf-8").split("\n")
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError):
-        raise RetrainError(f"{source}: no TFLite metadata (labels) in this file; export it with `dvc repro export`") from None
+        raise RetrainError(
+            f"{source}: no TFLite metadata (labels) in this file; export it with `dvc repro export`"
+        ) from None
     labels = labels[:-1] if labels and labels[-1] == "" else labels
     mean, std = _normalisation(model)
     return TfliteMetadata(labels, mean, std)
@@ -106,8 +108,11 @@ def _normalisation(model: bytes) -> tuple[tuple[float, ...], tuple[float, ...]]:
     for i in range(root.MetadataLength()):
         if root.Metadata(i).Name() == b"TFLITE_METADATA":
             buffer = root.Buffers(root.Metadata(i).Buffer())
-            data = (model[buffer.Offset():buffer.Offset() + buffer.Size()] if buffer.Offset() > 1
-                    else buffer.DataAsNumpy().tobytes())
+            data = (
+                model[buffer.Offset() : buffer.Offset() + buffer.Size()]
+                if buffer.Offset() > 1
+                else buffer.DataAsNumpy().tobytes()
+            )
             metadata = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(data, 0))
             (tensor, *_) = metadata.subgraphMetadata[0].inputTensorMetadata
             for unit in tensor.processUnits or []:
@@ -122,7 +127,9 @@ def _metadata_schema():
     without running the mediapipe package's __init__."""
     spec = importlib.util.find_spec("mediapipe")
     if spec is None or not spec.submodule_search_locations:
-        raise RetrainError("reading TFLite metadata needs mediapipe, which is not installed: pip install mediapipe==1.2.3")
+        raise RetrainError(
+            "reading TFLite metadata needs mediapipe, which is not installed: pip install mediapipe==1.2.3"
+        )
     path = Path(spec.submodule_search_locations[0]) / "tasks" / "metadata" / "metadata_schema_py_generated.py"
     loader = importlib.util.spec_from_file_location("retrain_tflite_metadata_schema", path)
     module = importlib.util.module_from_spec(loader)

@@ -51,7 +51,9 @@ class TfliteModel:
         (self._input,), (self._output,) = self._interpreter.get_input_details(), self._interpreter.get_output_details()
         self.image_size = (int(self._input["shape"][1]), int(self._input["shape"][2]))
         if self._output["shape"][-1] != len(self.labels):
-            raise RetrainError(f"{source}: {self._output['shape'][-1]} outputs but {len(self.labels)} labels in its metadata")
+            raise RetrainError(
+                f"{source}: {self._output['shape'][-1]} outputs but {len(self.labels)} labels in its metadata"
+            )
 
     @classmethod
     def from_file(cls, path: Path, threads: int | None = None) -> "TfliteModel":
@@ -90,7 +92,9 @@ class VariantResult:
     refused: str | None = None
 
 
-def evaluate_variants(models: dict[str, bytes], test_paths: list[str], test_labels: np.ndarray) -> dict[str, VariantResult]:
+def evaluate_variants(
+    models: dict[str, bytes], test_paths: list[str], test_labels: np.ndarray
+) -> dict[str, VariantResult]:
     """Run every variant on each test image (decoded once): accuracy, size and median latency.
 
     Accuracy on every test image with an interpreter per core; latency, as a phone app runs the
@@ -111,8 +115,12 @@ def evaluate_variants(models: dict[str, bytes], test_paths: list[str], test_labe
                 start = time.perf_counter()
                 phone[variant].probabilities_of_image(image)
                 seconds[variant].append(time.perf_counter() - start)
-    return {v: VariantResult(file_name(v), correct[v] / len(test_paths), runners[v].size_bytes,
-                             1000 * float(np.median(seconds[v]))) for v in runners}
+    return {
+        v: VariantResult(
+            file_name(v), correct[v] / len(test_paths), runners[v].size_bytes, 1000 * float(np.median(seconds[v]))
+        )
+        for v in runners
+    }
 
 
 def apply_drop_gate(results: dict[str, VariantResult], max_drop: float) -> None:
@@ -144,6 +152,10 @@ def train_image_paths(split_csv: Path) -> list[str]:
 def flat_metrics(results: dict[str, VariantResult]) -> dict[str, float]:
     flat = {}
     for variant, result in results.items():
-        flat |= {f"tflite_{variant}_accuracy": result.accuracy, f"tflite_{variant}_size_bytes": float(result.size_bytes),
-                 f"tflite_{variant}_latency_ms": result.latency_ms, f"tflite_{variant}_written": float(result.written)}
+        flat |= {
+            f"tflite_{variant}_accuracy": result.accuracy,
+            f"tflite_{variant}_size_bytes": float(result.size_bytes),
+            f"tflite_{variant}_latency_ms": result.latency_ms,
+            f"tflite_{variant}_written": float(result.written),
+        }
     return flat

@@ -15,7 +15,8 @@ no run.
 The store defaults to `sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`;
 `MLFLOW_TRACKING_URI` selects a server instead. The repo root is `$DVC_ROOT`, so temporary
 experiment copies log to the workspace's store, and TensorBoard files go to `<repo root>/logs`.
-MLflow is imported only here and only when a stage logs, so stages start without it.
+MLflow is imported when a stage logs, after its work: a stage starts without it (`import mlflow`
+costs 1.5-2 s even so, the next thing to cut: one logging step for the whole execution).
 """
 
 import contextlib
@@ -129,8 +130,9 @@ def use_experiment(name: str) -> str:
                 return experiment.experiment_id
             location = (project_root() / "mlartifacts").as_uri() if _is_default_store() else None
             try:
-                return client.create_experiment(name, artifact_location=location,
-                                                tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+                return client.create_experiment(
+                    name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND}
+                )
             except MlflowException:
                 continue  # on a server, another worker created it between our look and our create
     raise RetrainError(f"MLflow experiment '{name}' could not be created in {shown_uri()}")
@@ -161,8 +163,7 @@ def execution_key() -> str:
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
-                             cwd=project_root())
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10, cwd=project_root())
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -216,8 +217,10 @@ def fail_stale_runs(experiment_id: str) -> list[str]:
         if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
             client.set_tag(run.info.run_id, "retrain.failure", f"process {pid} ended without closing the run (killed?)")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-            print(f"MLflow run {run.info.run_id} was left RUNNING by process {pid}, which is gone: marked FAILED",
-                  file=sys.stderr)
+            print(
+                f"MLflow run {run.info.run_id} was left RUNNING by process {pid}, which is gone: marked FAILED",
+                file=sys.stderr,
+            )
             stale.append(run.info.run_id)
     return stale
 
@@ -269,7 +272,9 @@ def _find_or_create_run(client, experiment_id: str, key: str, params: dict):
     try:
         query = f"tags.`retrain.execution` = {filter_string(key)}"
     except ValueError:
-        raise RetrainError(f"RETRAIN_EXECUTION {key!r}: holds both ' and \"; name the execution without quotes") from None
+        raise RetrainError(
+            f"RETRAIN_EXECUTION {key!r}: holds both ' and \"; name the execution without quotes"
+        ) from None
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
         return found[0]
@@ -313,8 +318,11 @@ def _record_reused(stage_run: StageRun, current: str, tags: dict[str, str]) -> N
         stage_run.client.set_tag(stage_run.run_id, f"retrain.reused.{stage}", provenance["run_id"])
         if STAGES.index(stage) > position:
             continue  # may still run in this execution: only its metrics would be stale
-        metrics = [Metric(key, value, timestamp, step)
-                   for key, history in provenance.get("metrics", {}).items() for step, value, timestamp in history]
+        metrics = [
+            Metric(key, value, timestamp, step)
+            for key, history in provenance.get("metrics", {}).items()
+            for step, value, timestamp in history
+        ]
         copied = [RunTag(k, v) for k, v in provenance.get("tags", {}).items()]
         for i in range(0, max(len(metrics), len(copied)), 500):
             stage_run.client.log_batch(stage_run.run_id, metrics=metrics[i : i + 500], tags=copied[i : i + 500])
@@ -328,14 +336,22 @@ def log_dataset_inputs(split_csv: Path, source: str) -> None:
     frame = pd.read_csv(split_csv)
     for split in ("train", "validation", "test"):
         rows = frame[frame["split"] == split].sort_values("path")
-        digest = hashlib.sha256("".join(f"{p}\t{l}\t{s}\n" for p, l, s in zip(rows["path"], rows["label"], rows["sha256"])).encode()).hexdigest()
+        digest = hashlib.sha256(
+            "".join(f"{p}\t{label}\t{s}\n" for p, label, s in zip(rows["path"], rows["label"], rows["sha256"])).encode()
+        ).hexdigest()
         with warnings.catch_warnings():  # MLflow registers its local-path source twice, then warns it is ambiguous
-            warnings.filterwarnings("ignore", message=".*multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource")
-            dataset = mlflow.data.from_pandas(rows[["path", "label", "sha256"]].reset_index(drop=True), source=source,
-                                              name=split, digest=digest[:32])
+            warnings.filterwarnings(
+                "ignore", message=".*multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource"
+            )
+            dataset = mlflow.data.from_pandas(
+                rows[["path", "label", "sha256"]].reset_index(drop=True), source=source, name=split, digest=digest[:32]
+            )
         counts = {f"class.{label}": str(n) for label, n in rows["label"].value_counts().sort_index().items()}
-        mlflow.log_input(dataset, context={"train": "training", "validation": "validation", "test": "testing"}[split],
-                         tags={"images": str(len(rows)), "sha256": digest, **counts})
+        mlflow.log_input(
+            dataset,
+            context={"train": "training", "validation": "validation", "test": "testing"}[split],
+            tags={"images": str(len(rows)), "sha256": digest, **counts},
+        )
 
 
 @contextlib.contextmanager
@@ -399,10 +415,8 @@ def _end_quietly(status) -> None:
     import mlflow
     from mlflow.entities import RunStatus
 
-    try:
+    with contextlib.suppress(Exception):  # the store may be the thing that failed
         mlflow.end_run(RunStatus.to_string(status))
-    except Exception:  # the store may be the thing that failed
-        pass
 
 
 def store_error(error: Exception) -> RetrainError:
@@ -412,17 +426,25 @@ def store_error(error: Exception) -> RetrainError:
 
 def _unreachable(error: Exception) -> RetrainError:
     message = redact_text(getattr(error, "message", None) or str(error)).strip() or type(error).__name__
-    return RetrainError(f"MLflow tracking store {shown_uri()} failed ({message.splitlines()[0][:200]}); "
-                        "start it or unset MLFLOW_TRACKING_URI, then rerun `dvc repro`: finished outputs are kept")
+    return RetrainError(
+        f"MLflow tracking store {shown_uri()} failed ({message.splitlines()[0][:200]}); "
+        "start it or unset MLFLOW_TRACKING_URI, then rerun `dvc repro`: finished outputs are kept"
+    )
 
 
 def _write_provenance(handle: StageRun, experiment: str) -> None:
     from retrain.atomic import atomic_file
 
     paths.RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {"stage": handle.stage, "run_id": handle.run_id, "run_name": handle.run_name,
-              "experiment": experiment, "tracking_uri": shown_uri(),
-              "tags": handle.tags, "metrics": handle.metrics}
+    record = {
+        "stage": handle.stage,
+        "run_id": handle.run_id,
+        "run_name": handle.run_name,
+        "experiment": experiment,
+        "tracking_uri": shown_uri(),
+        "tags": handle.tags,
+        "metrics": handle.metrics,
+    }
     with atomic_file(paths.RUNS_DIR / f"{handle.stage}.json") as temp:
         temp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -441,13 +463,19 @@ def find_run(target: str, experiment: str):
     if len(target) == 32 and all(c in "0123456789abcdef" for c in target):
         return client.get_run(target)
     try:
-        found = client.search_runs([experiment_id], f"attributes.run_name = {filter_string(target)}",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs(
+            [experiment_id],
+            f"attributes.run_name = {filter_string(target)}",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     except ValueError:
         found = []  # both quote characters: no DVC experiment is named so
     if not found:
-        raise RetrainError(f"no MLflow run named {target!r} in experiment '{experiment}' at {shown_uri()}; "
-                           "give a DVC experiment name (`dvc exp show`), a run id, or `workspace`")
+        raise RetrainError(
+            f"no MLflow run named {target!r} in experiment '{experiment}' at {shown_uri()}; "
+            "give a DVC experiment name (`dvc exp show`), a run id, or `workspace`"
+        )
     return found[0]
 
 
@@ -461,8 +489,10 @@ def promote(target: str, alias: str, registered_name: str, experiment: str) -> t
     if not model_uri and tags.get("retrain.reused.export"):  # this execution reused an earlier export
         model_uri = mlflow.MlflowClient().get_run(tags["retrain.reused.export"]).data.tags.get("retrain.model_uri")
     if not model_uri:
-        raise RetrainError(f"MLflow run {run.info.run_id} ({run.info.run_name}) logged no model; "
-                           "its export stage did not run or failed")
+        raise RetrainError(
+            f"MLflow run {run.info.run_id} ({run.info.run_name}) logged no model; "
+            "its export stage did not run or failed"
+        )
     version = mlflow.register_model(model_uri, registered_name, tags={"retrain.run_id": run.info.run_id})
     mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
     return run.info.run_name, version.version

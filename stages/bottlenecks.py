@@ -30,10 +30,17 @@ def bottlenecks():
     stats.update({f"{split}_images": n for split, n in counts.items()})
     paths.BOTTLENECKS_STATS.write_text(json.dumps(stats, indent=2) + "\n")
     with tracking.stage_run("bottlenecks", params) as run:  # bookkeeping, not model metrics: tags
-        run.set_tags({"backbone_id": backbone.id, "dataset_hash": meta["dataset_hash"],
-                      **{f"bottlenecks.{key}": value for key, value in stats.items()}})
-    print(f"{stats['computed']} computed, {stats['cache_hits']} from cache, {stats['images_per_second']} images/s; "
-          f"augmented views: {stats['augmented_computed']} computed, {stats['augmented_cache_hits']} from cache")
+        run.set_tags(
+            {
+                "backbone_id": backbone.id,
+                "dataset_hash": meta["dataset_hash"],
+                **{f"bottlenecks.{key}": value for key, value in stats.items()},
+            }
+        )
+    print(
+        f"{stats['computed']} computed, {stats['cache_hits']} from cache, {stats['images_per_second']} images/s; "
+        f"augmented views: {stats['augmented_computed']} computed, {stats['augmented_cache_hits']} from cache"
+    )
 
 
 if __name__ == "__main__":

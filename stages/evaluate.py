@@ -15,8 +15,8 @@ from retrain.evaluation import calibration_bins, evaluate_predictions, expected_
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import load_head, softmax
 from retrain.params import load_params
-from retrain.tensorboard_logs import TensorBoard
 from retrain.reports import top_misclassified, write_reports
+from retrain.tensorboard_logs import TensorBoard
 
 
 def evaluate():
@@ -24,8 +24,10 @@ def evaluate():
     labels = load_labels(paths.FINETUNE_DIR)
     x_test, y_test, test_paths = load_split_arrays(paths.FINETUNE_DIR, "test")
     if not len(y_test):
-        raise RetrainError("the test split is empty, nothing to evaluate; raise "
-                           "data.testing_percentage or add images, then rerun `dvc repro`")
+        raise RetrainError(
+            "the test split is empty, nothing to evaluate; raise "
+            "data.testing_percentage or add images, then rerun `dvc repro`"
+        )
     logits = load_head(paths.FINETUNE_HEAD).logits(x_test)
     probabilities = softmax(logits)
     metrics = evaluate_predictions(y_test, probabilities, labels, params.evaluate.top_k)
@@ -34,9 +36,14 @@ def evaluate():
     metrics["ece_uncalibrated"] = expected_calibration_error(calibration_bins(y_test, softmax(logits * temperature)))
     metrics["temperature"] = temperature
     paths.EVALUATE_DIR.mkdir(parents=True, exist_ok=True)
-    paths.METRICS.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # Per-class numbers go to reports/per_class.csv and MLflow; metrics.json keeps the model's
+    # headline numbers, one column each in `dvc exp show`.
+    headline = {key: value for key, value in metrics.items() if key != "per_class"}
+    paths.METRICS.write_text(json.dumps(headline, indent=2, sort_keys=True) + "\n")
     np.savez(paths.PREDICTIONS, probabilities=probabilities, labels=y_test, paths=np.array(test_paths, dtype=str))
-    reports = write_reports(paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, _read_history(), params.evaluate.top_k)
+    reports = write_reports(
+        paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, _read_history(), params.evaluate.top_k
+    )
     with tracking.stage_run("evaluate", params) as run:
         run.log_metrics(mlflow_metrics(metrics))
         import mlflow

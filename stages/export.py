@@ -37,26 +37,38 @@ def export():
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]
         test_labels = predictions["labels"]
     worst = check_reproduces(load_model(paths.MODEL_DIR), test_paths, expected)
-    tflite_metrics = export_variants(classifier, paths.MODEL_DIR, params.export, params.seed,
-                                     train_image_paths(paths.SPLIT_CSV), test_paths, test_labels)
+    tflite_metrics = export_variants(
+        classifier,
+        paths.MODEL_DIR,
+        params.export,
+        params.seed,
+        train_image_paths(paths.SPLIT_CSV),
+        test_paths,
+        test_labels,
+    )
     with tracking.stage_run("export", params) as run:
         import mlflow
 
         run.set_tags({"export.max_abs_difference": f"{worst:.3g}"})
         mlflow.log_artifact(str(paths.MODEL_DIR / "labels.txt"))
         # Charts grouped under tflite/: <variant>_accuracy, _size_bytes, _latency_ms; whether written is a tag.
-        run.log_metrics({k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")})
-        run.set_tags({k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")})
+        run.log_metrics(
+            {k.replace("tflite_", "tflite/", 1): v for k, v in tflite_metrics.items() if not k.endswith("_written")}
+        )
+        run.set_tags(
+            {k.replace("tflite_", "tflite.", 1): bool(v) for k, v in tflite_metrics.items() if k.endswith("_written")}
+        )
         model_uri = _log_model(test_paths[0], labels, params.export.top_k)
         run.set_tags({"retrain.model_uri": model_uri})  # in the provenance too: promote reads it
-    print(f"exported to {paths.MODEL_DIR}/ (reproduces evaluate within {worst:.1e}); MLflow model {model_uri}; "
-          f"register it with `retrain promote {run.run_name} --alias champion`")
+    print(
+        f"exported to {paths.MODEL_DIR}/ (reproduces evaluate within {worst:.1e}); MLflow model {model_uri}; "
+        f"register it with `retrain promote {run.run_name} --alias champion`"
+    )
 
 
 def _log_model(example_image: str, labels: list[str], top_k: int) -> str:
     import mlflow
     import pandas as pd
-
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
@@ -64,11 +76,18 @@ def _log_model(example_image: str, labels: list[str], top_k: int) -> str:
     # Given, not inferred: inferring it from the example loads and runs the model once more.
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec(Array("string"), "top_k_labels"), ColSpec(Array("double"), "top_k_probabilities")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "probability"),
+                ColSpec(Array("string"), "top_k_labels"),
+                ColSpec(Array("double"), "top_k_probabilities"),
+            ]
+        ),
     )
-    info = mlflow.pyfunc.log_model(name="model", input_example=example, signature=signature,
-                                   **pyfunc_model(paths.MODEL_DIR, labels, top_k))
+    info = mlflow.pyfunc.log_model(
+        name="model", input_example=example, signature=signature, **pyfunc_model(paths.MODEL_DIR, labels, top_k)
+    )
     return info.model_uri
 
 

@@ -27,18 +27,31 @@ def finetune():
     if params.finetune.enabled:
         summary = _finetune(params)
     else:
-        write_frozen(paths.FINETUNE_DIR, paths.FEATURES_DIR, paths.HEAD, params.backbone.name, params.backbone.image_size)
+        write_frozen(
+            paths.FINETUNE_DIR, paths.FEATURES_DIR, paths.HEAD, params.backbone.name, params.backbone.image_size
+        )
         summary = {"enabled": False}
         print("fine-tuning is off (finetune.enabled: false): the frozen model goes on")
     summary["temperature"] = _calibrate()
     paths.FINETUNE_JSON.write_text(json.dumps(summary, indent=2) + "\n")
     with tracking.stage_run("finetune", params) as run:
         for epoch, values in enumerate(zip(*(summary.get(k, []) for k in ("loss", "val_loss", "val_accuracy")))):
-            run.log_metrics(dict(zip(("finetune/loss", "finetune/val_loss", "finetune/val_accuracy"), values)), step=epoch)
+            run.log_metrics(
+                dict(zip(("finetune/loss", "finetune/val_loss", "finetune/val_accuracy"), values)), step=epoch
+            )
         run.log_metrics({"calibration/temperature": summary["temperature"]})
-        run.set_tags({"finetune.enabled": summary["enabled"]} | ({
-            "finetune.seconds": summary["seconds"], "finetune.blocks": ",".join(summary["blocks"]),
-            "finetune.best_epoch": summary["best_epoch"]} if summary["enabled"] else {}))
+        run.set_tags(
+            {"finetune.enabled": summary["enabled"]}
+            | (
+                {
+                    "finetune.seconds": summary["seconds"],
+                    "finetune.blocks": ",".join(summary["blocks"]),
+                    "finetune.best_epoch": summary["best_epoch"],
+                }
+                if summary["enabled"]
+                else {}
+            )
+        )
 
 
 MIN_CALIBRATION_IMAGES = 20  # fewer validation images say little about confidence
@@ -54,8 +67,10 @@ def _calibrate() -> float:
     x_val, y_val, _ = load_split_arrays(paths.FINETUNE_DIR, "validation")
     logits = head.logits(x_val)
     if len(y_val) < MIN_CALIBRATION_IMAGES or (logits.argmax(axis=1) == y_val).all():
-        print(f"not calibrated: {len(y_val)} validation images, {int((logits.argmax(axis=1) != y_val).sum())} of "
-              f"them wrong; calibration needs {MIN_CALIBRATION_IMAGES} or more and a mistake to learn from")
+        print(
+            f"not calibrated: {len(y_val)} validation images, {int((logits.argmax(axis=1) != y_val).sum())} of "
+            f"them wrong; calibration needs {MIN_CALIBRATION_IMAGES} or more and a mistake to learn from"
+        )
         return 1.0
     temperature = fit_temperature(logits, y_val)
     save_head(head.with_temperature(temperature), paths.FINETUNE_HEAD)
@@ -74,8 +89,9 @@ def _finetune(params) -> dict:
     size = params.backbone.image_size
     backbone = load_backbone(params.backbone.name, image_size=(size, size) if size else None)
     head = keras_head(load_head(paths.HEAD), params.train.dropout)
-    history = tuning.finetune(backbone, head, examples, params.augment, params.finetune,
-                              params.train.label_smoothing, params.seed)
+    history = tuning.finetune(
+        backbone, head, examples, params.augment, params.finetune, params.train.label_smoothing, params.seed
+    )
     paths.FINETUNE_DIR.mkdir(parents=True)
     tuning.save_backbone(backbone, paths.FINETUNE_BACKBONE)
     save_head(to_head(head), paths.FINETUNE_HEAD)
@@ -84,8 +100,10 @@ def _finetune(params) -> dict:
     write_backbone_spec(paths.FINETUNE_DIR, str(paths.FINETUNE_BACKBONE), backbone.image_size[0])
     blocks = [name for name, _ in tuning.unfrozen_blocks(backbone, params.finetune.blocks)]
     summary = {"enabled": True, "blocks": blocks, "seconds": round(time.perf_counter() - started, 1), **history}
-    print(f"fine-tuned backbone blocks {', '.join(blocks)} with the classifier for {params.finetune.epochs} epochs in "
-          f"{summary['seconds']:.0f} s; best validation accuracy {max(history['val_accuracy']):.4f}")
+    print(
+        f"fine-tuned backbone blocks {', '.join(blocks)} with the classifier for {params.finetune.epochs} epochs in "
+        f"{summary['seconds']:.0f} s; best validation accuracy {max(history['val_accuracy']):.4f}"
+    )
     return summary
 
 

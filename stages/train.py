@@ -31,8 +31,14 @@ def train():
         head_params = params.train.model_copy(update=search.best_params)
     weights = {}  # weight histograms for TensorBoard every 10th epoch (cheap copies, written once)
     started = time.perf_counter()
-    model, history = train_head((x_train, y_train), (x_val, y_val), len(labels), head_params, params.seed,
-                                on_epoch=lambda epoch, logs, m: _progress(weights, epoch, logs, m, head_params.epochs))
+    model, history = train_head(
+        (x_train, y_train),
+        (x_val, y_val),
+        len(labels),
+        head_params,
+        params.seed,
+        on_epoch=lambda epoch, logs, m: _progress(weights, epoch, logs, m, head_params.epochs),
+    )
     seconds = time.perf_counter() - started
     save_head(to_head(model), paths.HEAD)
     _write_history(history)
@@ -48,7 +54,9 @@ def train():
         import mlflow
 
         mlflow.log_artifacts(str(board.folder), artifact_path="tensorboard")
-    print(f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run.run_id} ({run.run_name})")
+    print(
+        f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run.run_id} ({run.run_name})"
+    )
 
 
 def _metric_name(key: str) -> str:
@@ -68,14 +76,24 @@ def _log_search(run, search) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     for trial in search.trials:
-        child = run.client.create_run(run.experiment_id, run_name=f"{run.run_name}-trial-{trial.number:02d}",
-                                      tags={"mlflow.parentRunId": run.run_id, "retrain.trial": str(trial.number)})
+        child = run.client.create_run(
+            run.experiment_id,
+            run_name=f"{run.run_name}-trial-{trial.number:02d}",
+            tags={"mlflow.parentRunId": run.run_id, "retrain.trial": str(trial.number)},
+        )
         history, now = trial.history, int(time.time() * 1000)
-        metrics = [Metric(_metric_name(key), value, now, step) for key, values in history.items() for step, value in enumerate(values)]
+        metrics = [
+            Metric(_metric_name(key), value, now, step)
+            for key, values in history.items()
+            for step, value in enumerate(values)
+        ]
         metrics.append(Metric("search/val_loss", trial.value, now, 0))
-        run.client.log_batch(child.info.run_id, metrics=metrics[:1000],
-                             params=[Param(f"train.{k}", str(v)) for k, v in trial.params.items()],
-                             tags=[RunTag("train.epochs", str(trial.epochs))])
+        run.client.log_batch(
+            child.info.run_id,
+            metrics=metrics[:1000],
+            params=[Param(f"train.{k}", str(v)) for k, v in trial.params.items()],
+            tags=[RunTag("train.epochs", str(trial.epochs))],
+        )
         run.client.set_terminated(child.info.run_id)
     run.log_metrics({"search/best_val_loss": search.best_value})
     run.set_tags({f"search.best.{key}": value for key, value in search.best_params.items()})
@@ -83,8 +101,11 @@ def _log_search(run, search) -> None:
 
 def _write_search(search) -> None:
     """search.json for `dvc exp show`: the best params and their validation loss, or trials 0."""
-    record = {"trials": 0} if search is None else {
-        "trials": len(search.trials), "best_val_loss": search.best_value, "best": search.best_params}
+    record = (
+        {"trials": 0}
+        if search is None
+        else {"trials": len(search.trials), "best_val_loss": search.best_value, "best": search.best_params}
+    )
     paths.SEARCH_JSON.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

@@ -93,9 +93,22 @@ def running_mlflow_server(folder: Path, port: int | None = None):
     mlflow = Path(sys.executable).parent / "mlflow"
     with open(folder / "server.log", "a") as log:
         process = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: `mlflow server` runs uvicorn as a child
         )
         uri = f"http://127.0.0.1:{port}"
@@ -110,10 +123,8 @@ def kill_process_group(process) -> None:
     """SIGKILL a process started with start_new_session=True and everything it started."""
     import signal
 
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=30)
 
 
@@ -158,8 +169,12 @@ def colour_classifier(tmp_path_factory, tiny_backbone):
     params = default_params(**{"train.learning_rate": 0.05, "train.epochs": 60}).train
     head, _ = train_head((x, y), (x, y), 3, params, seed=0)
     classifier = build_classifier(backbone, to_head(head), list(COLOURS), top_k=2)
-    return {"classifier": classifier, "labels": list(COLOURS), "paths": [e.path for e in examples],
-            "expected": to_head(head).probabilities(x)}
+    return {
+        "classifier": classifier,
+        "labels": list(COLOURS),
+        "paths": [e.path for e in examples],
+        "expected": to_head(head).probabilities(x),
+    }
 
 
 @pytest.fixture(scope="session")

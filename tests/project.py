@@ -93,12 +93,21 @@ def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
         shutil.copy(REPO / name, root / name)
     for folder in ("stages", "retrain"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root, **{
-        "data.url": url, "data.sha256": sha, "data.testing_percentage": 25,
-        "data.validation_percentage": 20, "backbone.name": str(backbone),
-        "train.learning_rate": 0.05, "train.epochs": 40, "train.early_stopping_patience": 10,
-        "evaluate.top_k": [1, 2], "export.top_k": 2,
-    })
+    write_params(
+        root,
+        **{
+            "data.url": url,
+            "data.sha256": sha,
+            "data.testing_percentage": 25,
+            "data.validation_percentage": 20,
+            "backbone.name": str(backbone),
+            "train.learning_rate": 0.05,
+            "train.epochs": 40,
+            "train.early_stopping_patience": 10,
+            "evaluate.top_k": [1, 2],
+            "export.top_k": 2,
+        },
+    )
     run(root, "git", "init", "-q")
     run(root, "dvc", "init", "-q")
     shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's DVC settings, as a clone has them

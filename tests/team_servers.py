@@ -55,7 +55,18 @@ class Postgres:
         return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
 
     def _psql(self, *args: str) -> str:
-        command = [str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres", *args]
+        command = [
+            str(self.bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            "-d",
+            "postgres",
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
 
 
@@ -81,8 +92,9 @@ def postgres(user: str = "retrain"):
     data, log, port = folder / "data", folder / "postgres.log", free_port()
 
     def run(*command: str) -> None:
-        done = subprocess.run([str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True,
-                              timeout=120, **drop)
+        done = subprocess.run(
+            [str(bin_dir / command[0]), *command[1:]], capture_output=True, text=True, timeout=120, **drop
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[-2000:]} (log: {log})")
 
@@ -94,8 +106,12 @@ def postgres(user: str = "retrain"):
         yield Postgres(port, user, bin_dir)
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run([str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
-                           capture_output=True, timeout=60, **drop)
+            subprocess.run(
+                [str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
+                capture_output=True,
+                timeout=60,
+                **drop,
+            )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -108,22 +124,40 @@ def mlflow_team_server(backend_uri: str, folder: Path, auth: dict | None = None,
     """
     folder.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), folder / "server.log"
-    command = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-               "--backend-store-uri", backend_uri, "--serve-artifacts",
-               "--artifacts-destination", str(folder / "artifacts")]
+    command = [
+        str(MLFLOW),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+    ]
     # No background job runner: its consumer processes are for GenAI features, and CPU is scarce here.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if auth:
         config = folder / "basic_auth.ini"
-        config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth['database']}\n"
-                          f"admin_username = {auth['admin']}\n")
+        config.write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth['database']}\n"
+            f"admin_username = {auth['admin']}\n"
+        )
         # The auth app's CSRF protection signs with this key; every worker must share it.
-        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=auth["password"],
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
+        env.update(
+            MLFLOW_AUTH_CONFIG_PATH=str(config),
+            MLFLOW_AUTH_ADMIN_PASSWORD=auth["password"],
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+        )
         command += ["--app-name", "basic-auth"]
-    process = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)  # its own group: gunicorn's workers go with it
+    process = subprocess.Popen(
+        command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )  # its own group: gunicorn's workers go with it
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(f"{uri}/health", process, log, timeout_s=180)

@@ -6,10 +6,10 @@ import tensorflow as tf
 
 from imagegen import split_examples
 from retrain.augment import compute_views, params_digest, view_seed, write_views_array
-from retrain.tf.augment import augment_image
 from retrain.backbones import load_backbone
 from retrain.features import FeatureCache, compute_features, load_split_arrays, write_split_arrays
 from retrain.params import AugmentParams
+from retrain.tf.augment import augment_image
 
 AUGMENT = AugmentParams(copies=3, crop_area_min=0.4, flip=True, brightness=0.3)
 

@@ -17,13 +17,20 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from retrain.backbones import (DEFAULT_BACKBONE, PRESETS, describe_presets, efficientnet_lite,
-                               load_backbone, presets, print_presets)
+from imagegen import image_bytes
+from retrain.backbones import (
+    DEFAULT_BACKBONE,
+    PRESETS,
+    describe_presets,
+    efficientnet_lite,
+    load_backbone,
+    presets,
+    print_presets,
+)
 from retrain.backbones.torch_pickle import load_state_dict
-from retrain.tf import efficientnet_lite as heavy_lite
 from retrain.errors import RetrainError
 from retrain.features import Example, FeatureCache, compute_features
-from imagegen import image_bytes
+from retrain.tf import efficientnet_lite as heavy_lite
 
 CONVENTION = "float32 [N,H,W,3] in [0,1] -> float32 [N,D]"
 HUB_PRESET = "mobilenet_v2_100_224"
@@ -62,6 +69,7 @@ def random_images(n, size=LITE_SIZE, seed=0):
 
 # ---- the embedded EfficientNet-Lite0 ----------------------------------------------------------
 
+
 def test_embedded_model_recognises_imagenet_photos(lite):
     images = np.stack([photo(skimage.data.chelsea()), photo(skimage.data.coffee())])
     top1 = tf.argmax(lite.module.classify(images), axis=1).numpy()
@@ -98,8 +106,7 @@ def test_cached_saved_model_reproduces_in_memory_model(lite):
     in_memory = heavy_lite.build()
     images = random_images(4, seed=1)
     assert np.abs(lite.features(images).numpy() - in_memory(images).numpy()).max() < 1e-4
-    assert np.abs(lite.module.classify(images).numpy()
-                  - in_memory.classify(images).numpy()).max() < 1e-4
+    assert np.abs(lite.module.classify(images).numpy() - in_memory.classify(images).numpy()).max() < 1e-4
 
 
 def test_folded_batch_norm_matches_the_unfolded_network(lite, state_dict):
@@ -172,11 +179,25 @@ def test_two_processes_converting_lite0_on_a_fresh_cache_both_succeed_with_one_w
 
     cache = tmp_path / "cache"
     env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache)}
-    processes = [subprocess.Popen([sys.executable, "-c", _CONVERT_AT_ONCE, str(tmp_path / f"ready-{i}"), str(tmp_path),
-                                   str(tmp_path / f"features-{i}.npy")], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CONVERT_AT_ONCE,
+                str(tmp_path / f"ready-{i}"),
+                str(tmp_path),
+                str(tmp_path / f"features-{i}.npy"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     ids = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(ids) == 1 and next(iter(ids)).startswith("xnnpack "), ids  # both on XNNPACK, one cache key
@@ -212,8 +233,7 @@ def test_variant_saved_model_reproduces_in_memory_model(variant):
     in_memory = heavy_lite.build(variant=variant.name)
     images = random_images(2, variant.image_size, seed=3)
     assert np.abs(variant.features(images).numpy() - in_memory(images).numpy()).max() < 1e-4
-    assert np.abs(variant.module.classify(images).numpy()
-                  - in_memory.classify(images).numpy()).max() < 1e-4
+    assert np.abs(variant.module.classify(images).numpy() - in_memory.classify(images).numpy()).max() < 1e-4
     # Convolutions only (no classifier, adds or activations): within 7% of the published count.
     published = PUBLISHED_MULTIPLY_ADDS[variant.name]
     assert 0.93 * published < heavy_lite.multiply_adds(in_memory, variant.image_size) < published
@@ -222,9 +242,32 @@ def test_variant_saved_model_reproduces_in_memory_model(variant):
 def test_depth_multiplier_gives_each_variant_its_blocks():
     # Lite keeps the first and last stage at one block; depth 1.1 and 1.2 both round to 21.
     assert len(efficientnet_lite.block_strides("efficientnet_lite0")) == 16
-    assert efficientnet_lite.block_strides("efficientnet_lite1") == \
-        [1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
-    assert efficientnet_lite.block_strides("efficientnet_lite2") == efficientnet_lite.block_strides("efficientnet_lite1")
+    assert efficientnet_lite.block_strides("efficientnet_lite1") == [
+        1,
+        2,
+        1,
+        1,
+        2,
+        1,
+        1,
+        2,
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        2,
+        1,
+        1,
+        1,
+        1,
+        1,
+    ]
+    assert efficientnet_lite.block_strides("efficientnet_lite2") == efficientnet_lite.block_strides(
+        "efficientnet_lite1"
+    )
 
 
 def test_weights_of_another_variant_are_refused_in_one_line():
@@ -273,6 +316,7 @@ def test_switching_backbone_recomputes_every_feature_and_switching_back_reuses_t
 
 # ---- local SavedModels (stand-ins for TF Hub modules) -----------------------------------------
 
+
 def save_module(folder, fn, input_spec, with_variable=True):
     """Save a tiny module whose `__call__` is `fn(module, images)`; return the folder."""
     module = tf.Module()
@@ -287,8 +331,7 @@ def mean_colour_features(module, images):
 
 
 def test_local_saved_model_loads_through_the_same_path(tmp_path):
-    folder = save_module(tmp_path / "tiny", mean_colour_features,
-                         tf.TensorSpec([None, 32, 32, 3], tf.float32))
+    folder = save_module(tmp_path / "tiny", mean_colour_features, tf.TensorSpec([None, 32, 32, 3], tf.float32))
     backbone = load_backbone(folder)
     assert (backbone.image_size, backbone.feature_dim) == ((32, 32), 8)
     images = random_images(2, (32, 32))
@@ -297,8 +340,7 @@ def test_local_saved_model_loads_through_the_same_path(tmp_path):
 
 
 def test_dynamic_size_module_uses_requested_size_or_224(tmp_path):
-    folder = save_module(tmp_path / "dynamic", mean_colour_features,
-                         tf.TensorSpec([None, None, None, 3], tf.float32))
+    folder = save_module(tmp_path / "dynamic", mean_colour_features, tf.TensorSpec([None, None, None, 3], tf.float32))
     default, custom = load_backbone(folder), load_backbone(folder, image_size=(64, 48))
     assert default.image_size == (224, 224) and custom.image_size == (64, 48)
     assert default.id != custom.id  # the image size is part of the feature-cache key
@@ -315,26 +357,35 @@ def test_id_depends_on_weights_not_on_where_they_live(tmp_path):
 
 
 def test_backbone_can_be_exported_inside_another_saved_model(tmp_path):
-    backbone = load_backbone(save_module(tmp_path / "tiny", mean_colour_features,
-                                         tf.TensorSpec([None, 32, 32, 3], tf.float32)))
+    backbone = load_backbone(
+        save_module(tmp_path / "tiny", mean_colour_features, tf.TensorSpec([None, 32, 32, 3], tf.float32))
+    )
     export = tf.Module()
     export.backbone = backbone.module
-    export.serve = tf.function(lambda images: backbone.features(images) * 2.0,
-                               input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+    export.serve = tf.function(
+        lambda images: backbone.features(images) * 2.0, input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)]
+    )
     tf.saved_model.save(export, str(tmp_path / "export"))
     images = random_images(3, (32, 32))
     reloaded = tf.saved_model.load(str(tmp_path / "export"))
-    np.testing.assert_allclose(reloaded.serve(images).numpy(),
-                               backbone.features(images).numpy() * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(reloaded.serve(images).numpy(), backbone.features(images).numpy() * 2.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fn, spec", [
-    (lambda m, x: x, tf.TensorSpec([None, 32, 32, 3], tf.float32)),  # rank-4 output
-    (lambda m, x: tf.cast(mean_colour_features(m, x), tf.int32),
-     tf.TensorSpec([None, 32, 32, 3], tf.float32)),  # int output
-    (lambda m, x: tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32),
-     tf.TensorSpec([None, 32, 32, 3], tf.uint8)),  # uint8 input
-], ids=["rank4-output", "int-output", "uint8-input"])
+@pytest.mark.parametrize(
+    "fn, spec",
+    [
+        (lambda m, x: x, tf.TensorSpec([None, 32, 32, 3], tf.float32)),  # rank-4 output
+        (
+            lambda m, x: tf.cast(mean_colour_features(m, x), tf.int32),
+            tf.TensorSpec([None, 32, 32, 3], tf.float32),
+        ),  # int output
+        (
+            lambda m, x: tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32),
+            tf.TensorSpec([None, 32, 32, 3], tf.uint8),
+        ),  # uint8 input
+    ],
+    ids=["rank4-output", "int-output", "uint8-input"],
+)
 def test_module_breaking_the_convention_is_refused(tmp_path, fn, spec):
     folder = save_module(tmp_path / "bad", fn, spec)
     with pytest.raises(RetrainError, match=r"expected float32 \[N,H,W,3\]") as error:
@@ -354,6 +405,7 @@ def test_fixed_size_module_refuses_another_size(lite):
 
 
 # ---- presets ----------------------------------------------------------------------------------
+
 
 def test_unknown_name_lists_the_presets():
     with pytest.raises(RetrainError) as error:
@@ -386,8 +438,11 @@ def test_hub_preset_in_hub_cache_loads_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
     handle = PRESETS[HUB_PRESET].handle
     assert not next(d for d in describe_presets() if d["name"] == HUB_PRESET)["offline"]
-    save_module(tmp_path / hashlib.sha1(handle.encode()).hexdigest(), mean_colour_features,
-                tf.TensorSpec([None, 224, 224, 3], tf.float32))
+    save_module(
+        tmp_path / hashlib.sha1(handle.encode()).hexdigest(),
+        mean_colour_features,
+        tf.TensorSpec([None, 224, 224, 3], tf.float32),
+    )
     assert next(d for d in describe_presets() if d["name"] == HUB_PRESET)["offline"]
     backbone = load_backbone(HUB_PRESET)
     assert (backbone.image_size, backbone.feature_dim) == ((224, 224), 8)
@@ -427,13 +482,14 @@ def test_describe_and_print_presets():
     assert described["inception_v3"]["feature_dim"] == 2048
     out = io.StringIO()
     print_presets(file=out)
-    table = out.getvalue().splitlines()[:len(described) + 1]
+    table = out.getvalue().splitlines()[: len(described) + 1]
     source_column = {line.index("https") for line in table if "https" in line}
     assert len(source_column) == 1  # aligned
     assert all(any(line.startswith(name) for line in table) for name in described)
 
 
 # ---- reading PyTorch weights without torch ----------------------------------------------------
+
 
 def test_reads_the_packaged_state_dict(state_dict):
     assert len(state_dict) == 296
@@ -454,8 +510,12 @@ def legacy_file(path, main_pickle_bytes):
 
 def test_pickle_global_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    evil = (b"\x80\x02cos\nsystem\nX" + len(f"touch {marker}").to_bytes(4, "little")
-            + f"touch {marker}".encode() + b"\x85R.")
+    evil = (
+        b"\x80\x02cos\nsystem\nX"
+        + len(f"touch {marker}").to_bytes(4, "little")
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )
     path = legacy_file(tmp_path / "evil.pth", evil)
     with pytest.raises(RetrainError, match=r"refuses pickle global 'os\.system'") as error:
         load_state_dict(path)
@@ -476,11 +536,14 @@ def test_truncated_weights_file_is_named(tmp_path, keep):
 
 # ---- an unfolded reference network, straight from the PyTorch layout --------------------------
 
+
 def reference_features(sd, images):
     """EfficientNet-Lite0 features with explicit batch norm, for checking the folding."""
+
     def bn(x, p):
-        return tf.nn.batch_normalization(x, sd[p + ".running_mean"], sd[p + ".running_var"],
-                                         sd[p + ".bias"], sd[p + ".weight"], 1e-3)
+        return tf.nn.batch_normalization(
+            x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".bias"], sd[p + ".weight"], 1e-3
+        )
 
     def conv(x, name, stride=1):
         return tf.nn.conv2d(x, sd[name + ".weight"].transpose(2, 3, 1, 0), stride, "SAME")

@@ -17,9 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 def harness_run(tmp_path_factory):
     """One --quick-sized run of the harness on generated JPEGs: (process result, saved JSON)."""
     results = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, str(REPO / "benchmarks/run.py"), "--data", str(results / "absent.tgz"),
-               "--images", "40", "--compare-images", "8", "--rounds", "1", "--sweep-experiments", "1",
-               "--sweep-before", "none", "--ray-rounds", "1", "--results", str(results)]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks/run.py"),
+        "--data",
+        str(results / "absent.tgz"),
+        "--images",
+        "40",
+        "--compare-images",
+        "8",
+        "--rounds",
+        "1",
+        "--sweep-experiments",
+        "1",
+        "--sweep-before",
+        "none",
+        "--ray-rounds",
+        "1",
+        "--results",
+        str(results),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result, json.loads((results / "latest.json").read_text())
@@ -119,6 +136,7 @@ def test_each_target_is_judged_from_the_measured_figures(harness_run):
     assert verdict("queued head-only experiment ÷", before(now / 0.61)) is False
 
     if "ray" in saved:  # part E, where ray is installed
+
         def ray(**changes):
             return lambda r: r["ray"].update(changes)
 

@@ -223,7 +223,9 @@ def test_read_only_folders_in_an_archive_stay_removable(tmp_path):
     (src / "LICENSE.txt").write_text("CC-BY\n")
     tgz = tmp_path / "ro.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
-        tar.add(src, arcname="flowers", filter=lambda info: info.replace(mode=0o555 if info.isdir() else 0o444, deep=False))
+        tar.add(
+            src, arcname="flowers", filter=lambda info: info.replace(mode=0o555 if info.isdir() else 0o444, deep=False)
+        )
     root = fetch_dataset(str(tgz), None, tmp_path / "raw", tmp_path / "cache")
     _assert_dataset(root)
     assert all(p.stat().st_mode & 0o700 == 0o700 for p in [root, *root.rglob("*")] if p.is_dir())
@@ -275,9 +277,7 @@ def _evil_tars(tmp_path: Path, mode: str = "w:gz") -> dict[str, Path]:
         ),
         "symlink-absolute": _tar_with(tmp_path / "symabs.tgz", _link("flowers/red/l", outside, tarfile.SYMTYPE)),
         "hardlink": _tar_with(tmp_path / "hard.tgz", _link("flowers/red/h", outside, tarfile.LNKTYPE)),
-        "hardlink-dotdot": _tar_with(
-            tmp_path / "hard2.tgz", _link("flowers/red/h", "../outside.txt", tarfile.LNKTYPE)
-        ),
+        "hardlink-dotdot": _tar_with(tmp_path / "hard2.tgz", _link("flowers/red/h", "../outside.txt", tarfile.LNKTYPE)),
         "fifo": _tar_with(tmp_path / "fifo.tgz", (fifo, None)),
         "device": _tar_with(tmp_path / "dev.tgz", (device, None)),
     }
@@ -341,36 +341,90 @@ _SMALL = Limits(download_bytes=10**6, extracted_bytes=2 * 10**6, entries=50, com
 
 # name: (build(folder) -> archive, limits, the error it must raise, or None for a safe skip)
 HOSTILE = {
-    "tgz of zeros (ratio)": (lambda d: _zeros_tar(d / "z.tgz", "w:gz", 1_500_000), _SMALL, "data.max_compression_ratio"),
-    "tar.bz2 of zeros (ratio)": (lambda d: _zeros_tar(d / "z.tbz2", "w:bz2", 1_500_000), _SMALL, "data.max_compression_ratio"),
-    "tar.xz of zeros (ratio)": (lambda d: _zeros_tar(d / "z.txz", "w:xz", 1_500_000), _SMALL, "data.max_compression_ratio"),
-    "zip of zeros (ratio)": (lambda d: _zip_of(d / "z.zip", ("flowers/red/zeros.bin", bytes(1_500_000))), _SMALL,
-                             "data.max_compression_ratio"),
-    "plain tar over the byte cap": (lambda d: _zeros_tar(d / "big.tar", "w", 2_500_000), _SMALL, "data.max_extracted_bytes"),
-    "stored zip over the byte cap": (lambda d: _zip_of(d / "big.zip", ("flowers/red/a.bin", bytes(2_500_000)),
-                                                       compression=zipfile.ZIP_STORED), _SMALL, "data.max_extracted_bytes"),
-    "tgz with too many entries": (lambda d: _tar_with(d / "many.tgz", *[_file(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
-                                  _SMALL, "data.max_archive_entries"),
-    "zip with too many entries": (lambda d: _zip_of(d / "many.zip", *[(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
-                                  _SMALL, "data.max_archive_entries"),
-    "tar duplicate name": (lambda d: _tar_with(d / "dup.tgz", _file("flowers/red/ok.txt", b"again")), _SMALL,
-                           "duplicate entry name"),
-    "tar duplicate spelt ./": (lambda d: _tar_with(d / "dup2.tar", _file("./flowers//red/ok.txt", b"again"), mode="w"),
-                               _SMALL, "duplicate entry name"),
-    "zip duplicate name": (lambda d: _zip_of(d / "dup.zip", ("flowers/red/ok.txt", b"again")), _SMALL, "duplicate entry name"),
+    "tgz of zeros (ratio)": (
+        lambda d: _zeros_tar(d / "z.tgz", "w:gz", 1_500_000),
+        _SMALL,
+        "data.max_compression_ratio",
+    ),
+    "tar.bz2 of zeros (ratio)": (
+        lambda d: _zeros_tar(d / "z.tbz2", "w:bz2", 1_500_000),
+        _SMALL,
+        "data.max_compression_ratio",
+    ),
+    "tar.xz of zeros (ratio)": (
+        lambda d: _zeros_tar(d / "z.txz", "w:xz", 1_500_000),
+        _SMALL,
+        "data.max_compression_ratio",
+    ),
+    "zip of zeros (ratio)": (
+        lambda d: _zip_of(d / "z.zip", ("flowers/red/zeros.bin", bytes(1_500_000))),
+        _SMALL,
+        "data.max_compression_ratio",
+    ),
+    "plain tar over the byte cap": (
+        lambda d: _zeros_tar(d / "big.tar", "w", 2_500_000),
+        _SMALL,
+        "data.max_extracted_bytes",
+    ),
+    "stored zip over the byte cap": (
+        lambda d: _zip_of(d / "big.zip", ("flowers/red/a.bin", bytes(2_500_000)), compression=zipfile.ZIP_STORED),
+        _SMALL,
+        "data.max_extracted_bytes",
+    ),
+    "tgz with too many entries": (
+        lambda d: _tar_with(d / "many.tgz", *[_file(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
+        _SMALL,
+        "data.max_archive_entries",
+    ),
+    "zip with too many entries": (
+        lambda d: _zip_of(d / "many.zip", *[(f"flowers/red/{i}.txt", b"x") for i in range(60)]),
+        _SMALL,
+        "data.max_archive_entries",
+    ),
+    "tar duplicate name": (
+        lambda d: _tar_with(d / "dup.tgz", _file("flowers/red/ok.txt", b"again")),
+        _SMALL,
+        "duplicate entry name",
+    ),
+    "tar duplicate spelt ./": (
+        lambda d: _tar_with(d / "dup2.tar", _file("./flowers//red/ok.txt", b"again"), mode="w"),
+        _SMALL,
+        "duplicate entry name",
+    ),
+    "zip duplicate name": (
+        lambda d: _zip_of(d / "dup.zip", ("flowers/red/ok.txt", b"again")),
+        _SMALL,
+        "duplicate entry name",
+    ),
     "truncated tgz": (lambda d: _truncated(_random_tar(d / "t.tgz", "w:gz")), _SMALL, "damaged"),
     "truncated tar.xz": (lambda d: _truncated(_random_tar(d / "t.tar.xz", "w:xz")), _SMALL, "damaged"),
     "truncated plain tar": (lambda d: _truncated(_random_tar(d / "t.tar", "w")), _SMALL, "damaged"),
-    "truncated zip": (lambda d: _truncated(_zip_of(d / "t.zip", ("flowers/red/a.bin", os.urandom(5000)))), _SMALL, "damaged"),
+    "truncated zip": (
+        lambda d: _truncated(_zip_of(d / "t.zip", ("flowers/red/a.bin", os.urandom(5000)))),
+        _SMALL,
+        "damaged",
+    ),
     "not an archive at all": (lambda d: _write(d / "junk.tgz", os.urandom(3000)), _SMALL, "damaged or not an archive"),
-    "HTML error page as .tgz": (lambda d: _write(d / "page.tgz", b"\n<!DOCTYPE html><html><body>404</body></html>"),
-                                _SMALL, "is an HTML page, not an archive"),
-    "HTML error page as .zip": (lambda d: _write(d / "page.zip", b"<html><head><title>Sign in</title>"), _SMALL,
-                                "is an HTML page, not an archive"),
-    "nested zip in a tgz (skipped)": (lambda d: _tar_with(d / "nest.tgz", _file("flowers/red/more.zip", b"PK\x05\x06" + bytes(18))),
-                                      _SMALL, None),
-    "nested tgz in a zip (skipped)": (lambda d: _zip_of(d / "nest.zip", ("flowers/red/more.tar.gz", b"\x1f\x8b" + bytes(20))),
-                                      _SMALL, None),
+    "HTML error page as .tgz": (
+        lambda d: _write(d / "page.tgz", b"\n<!DOCTYPE html><html><body>404</body></html>"),
+        _SMALL,
+        "is an HTML page, not an archive",
+    ),
+    "HTML error page as .zip": (
+        lambda d: _write(d / "page.zip", b"<html><head><title>Sign in</title>"),
+        _SMALL,
+        "is an HTML page, not an archive",
+    ),
+    "nested zip in a tgz (skipped)": (
+        lambda d: _tar_with(d / "nest.tgz", _file("flowers/red/more.zip", b"PK\x05\x06" + bytes(18))),
+        _SMALL,
+        None,
+    ),
+    "nested tgz in a zip (skipped)": (
+        lambda d: _zip_of(d / "nest.zip", ("flowers/red/more.tar.gz", b"\x1f\x8b" + bytes(20))),
+        _SMALL,
+        None,
+    ),
     "zip symlink inside (skipped)": (lambda d: _zip_with_link(d / "link.zip", "flowers/red/l", "ok.txt"), _SMALL, None),
 }
 
@@ -524,7 +578,10 @@ def test_a_folder_over_the_caps_is_refused_and_the_previous_dataset_survives(tmp
     src = tmp_path / "src" / "flowers"
     make_class_folders(src, per_class=4)
     previous = _previous_dataset(tmp_path / "raw")
-    for limits, param in [(Limits(entries=5), "data.max_archive_entries"), (Limits(extracted_bytes=2000), "data.max_extracted_bytes")]:
+    for limits, param in [
+        (Limits(entries=5), "data.max_archive_entries"),
+        (Limits(extracted_bytes=2000), "data.max_extracted_bytes"),
+    ]:
         with pytest.raises(RetrainError, match=param):
             fetch_dataset(str(src), None, tmp_path / "raw", tmp_path / "cache", limits=limits)
         assert _raw_leftovers(tmp_path / "raw") == ["old_flowers"]

@@ -85,8 +85,11 @@ def _declared(stage: dict, *kinds: str) -> list[str]:
 
 
 def _paths_named(script: Path) -> set[str]:
-    return {node.attr for node in ast.walk(ast.parse(script.read_text()))
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "paths"}
+    return {
+        node.attr
+        for node in ast.walk(ast.parse(script.read_text()))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "paths"
+    }
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -104,8 +107,13 @@ def test_each_stage_declares_every_path_it_names(name):
     declared = _declared(stage, "deps", "outs", "metrics", "plots")
     named = [getattr(paths, attr) for attr in _paths_named(REPO / "stages" / f"{name}.py") - EXEMPT_PATHS]
     # A folder that holds declared outputs (mkdir before writing them) counts as declared.
-    missing = sorted(str(path) for path in named if isinstance(path, Path) and not _covered(path, declared)
-                     and not any(path in Path(d).parents for d in declared))
+    missing = sorted(
+        str(path)
+        for path in named
+        if isinstance(path, Path)
+        and not _covered(path, declared)
+        and not any(path in Path(d).parents for d in declared)
+    )
     assert not missing, f"stage {name} names paths dvc.yaml lists neither as deps nor outs: {missing}"
 
 
@@ -159,7 +167,9 @@ class _Module:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrain"):
                 for alias in node.names:
                     submodule = _module_file(f"{node.module}.{alias.name}")
-                    self.imports[alias.asname or alias.name] = (submodule, None) if submodule else (_module_file(node.module), alias.name)
+                    self.imports[alias.asname or alias.name] = (
+                        (submodule, None) if submodule else (_module_file(node.module), alias.name)
+                    )
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.startswith("retrain.") and alias.asname:
@@ -190,7 +200,10 @@ class _ParamReads:
             for node in ast.walk(body):
                 if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                     value = node.value
-                    if isinstance(value, ast.Call) and _chain(value.func) in (("load_params", []), ("params", ["load_params"])):
+                    if isinstance(value, ast.Call) and _chain(value.func) in (
+                        ("load_params", []),
+                        ("params", ["load_params"]),
+                    ):
                         roots[node.targets[0].id] = ("", Params)
                     elif (resolved := self.resolve(value, roots)) and resolved[1] is not None and not resolved[2]:
                         roots[node.targets[0].id] = resolved[:2]
@@ -241,7 +254,11 @@ class _ParamReads:
             if name in module.functions:
                 return module, module.functions[name]
             source, attr = module.imports.get(name, (None, None))
-            return (self.module(source), self.module(source).functions[attr]) if source and attr in self.module(source).functions else None
+            return (
+                (self.module(source), self.module(source).functions[attr])
+                if source and attr in self.module(source).functions
+                else None
+            )
         source, attr = module.imports.get(name, (None, None))
         if source is None:
             key, found = f"{name}.{attrs[0]}", module

@@ -40,18 +40,12 @@ def test_metrics_match_sklearn(seed):
         assert metrics[f"top_{k}_accuracy"] == pytest.approx(expected)
     assert metrics["loss"] == pytest.approx(skm.log_loss(y_true, probabilities, labels=classes))
     for average in ["macro", "weighted"]:
-        assert metrics[f"{average}_f1"] == pytest.approx(
-            skm.f1_score(y_true, y_pred, average=average, labels=classes)
-        )
+        assert metrics[f"{average}_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average=average, labels=classes))
     assert metrics["macro_precision"] == pytest.approx(
         skm.precision_score(y_true, y_pred, average="macro", labels=classes)
     )
-    assert metrics["macro_recall"] == pytest.approx(
-        skm.recall_score(y_true, y_pred, average="macro", labels=classes)
-    )
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=classes
-    )
+    assert metrics["macro_recall"] == pytest.approx(skm.recall_score(y_true, y_pred, average="macro", labels=classes))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=classes)
     for i, label in enumerate(LABELS):
         assert metrics["per_class"][label] == pytest.approx(
             {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
@@ -139,8 +133,7 @@ def test_class_never_predicted_or_absent_scores_zero_without_warnings():
     assert metrics["per_class"]["tulips"] == {**zero, "support": 0}
     assert metrics["per_class"]["daisy"]["precision"] == 0.5
     assert metrics["macro_f1"] == pytest.approx(
-        skm.f1_score(y_true, probabilities.argmax(1), average="macro", labels=range(5),
-                     zero_division=0)
+        skm.f1_score(y_true, probabilities.argmax(1), average="macro", labels=range(5), zero_division=0)
     )
 
 

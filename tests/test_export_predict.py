@@ -63,8 +63,19 @@ def test_predict_walks_folders_maps_names_and_survives_bad_files(exported, tmp_p
     (tmp_path / ".hidden.jpg").write_bytes(b"skipped")
     names = tmp_path.parent / f"{tmp_path.name}-names.json"
     names.write_text(json.dumps({"3": "Scarlet", "green": "Leafy"}))
-    status = main(["predict", str(tmp_path), "--model", str(exported["dir"]), "--top_k", "1",
-                   "--category_names", str(names), "--json"])
+    status = main(
+        [
+            "predict",
+            str(tmp_path),
+            "--model",
+            str(exported["dir"]),
+            "--top_k",
+            "1",
+            "--category_names",
+            str(names),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert status == 0  # a file in a folder that is no image is skipped with a note, not an error
@@ -102,7 +113,9 @@ def test_predict_prints_every_label_without_top_k_and_saves_a_picture_headless(e
 def test_min_confidence_answers_unsure(exported, tmp_path, capsys):
     image = tmp_path / "red.png"
     image.write_bytes(image_bytes("PNG", COLOURS["red"], seed=5))
-    assert main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "0.9999999", "--json"]) == 0
+    assert (
+        main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "0.9999999", "--json"]) == 0
+    )
     (answer,) = json.loads(capsys.readouterr().out)
     assert answer["answer"] == "unsure" and answer["predictions"][0]["label"] == "red"
     assert main(["predict", str(image), "--model", str(exported["dir"]), "--min_confidence", "0.01"]) == 0
@@ -127,10 +140,16 @@ def test_category_names_leave_labels_that_already_are_display_names(tmp_path):
     names = tmp_path / "label_map.json"
     names.write_text('{"1": "pink primrose", "2": "canterbury bells", "3": "sweet pea"}')
     # Classes named from the names file sort alphabetically: index 1 is not class id 1.
-    assert load_category_names(names, ["canterbury bells", "pink primrose", "sweet pea"]) == \
-        ["canterbury bells", "pink primrose", "sweet pea"]
-    assert load_category_names(names, ["class_001", "class_002", "class_003"]) == \
-        ["pink primrose", "canterbury bells", "sweet pea"]
+    assert load_category_names(names, ["canterbury bells", "pink primrose", "sweet pea"]) == [
+        "canterbury bells",
+        "pink primrose",
+        "sweet pea",
+    ]
+    assert load_category_names(names, ["class_001", "class_002", "class_003"]) == [
+        "pink primrose",
+        "canterbury bells",
+        "sweet pea",
+    ]
 
 
 def test_predict_never_blocks_on_a_fifo_or_a_device_and_names_odd_files_on_one_line(exported, tmp_path, capsys):
@@ -143,9 +162,13 @@ def test_predict_never_blocks_on_a_fifo_or_a_device_and_names_odd_files_on_one_l
     odd = folder / "two\nlines.png"
     odd.write_bytes(image_bytes("PNG", COLOURS["green"], seed=3))
     outcome = {}
-    worker = threading.Thread(target=lambda: outcome.update(
-        folder=main(["predict", str(folder), "--model", str(exported["dir"]), "--top_k", "1"]),
-        named=main(["predict", str(folder / "pipe.jpg"), "/dev/zero", "--model", str(exported["dir"])])), daemon=True)
+    worker = threading.Thread(
+        target=lambda: outcome.update(
+            folder=main(["predict", str(folder), "--model", str(exported["dir"]), "--top_k", "1"]),
+            named=main(["predict", str(folder / "pipe.jpg"), "/dev/zero", "--model", str(exported["dir"])]),
+        ),
+        daemon=True,
+    )
     worker.start()
     worker.join(timeout=120)
     assert not worker.is_alive(), "predict blocked on a FIFO or a device"
@@ -159,7 +182,9 @@ def test_predict_never_blocks_on_a_fifo_or_a_device_and_names_odd_files_on_one_l
 
 
 @pytest.mark.parametrize("damage", ["foreign", "garbage", "truncated"])
-def test_predict_with_a_model_that_is_not_ours_or_is_damaged_is_one_line(damage, exported, tiny_backbone, tmp_path, capsys):
+def test_predict_with_a_model_that_is_not_ours_or_is_damaged_is_one_line(
+    damage, exported, tiny_backbone, tmp_path, capsys
+):
     import shutil
 
     if damage == "foreign":  # a SavedModel, but not one export wrote (no labels signature)
@@ -178,3 +203,34 @@ def test_predict_with_a_model_that_is_not_ours_or_is_damaged_is_one_line(damage,
     error = capsys.readouterr().err
     assert exit_info.value.code == 1 and error.count("\n") == 1 and error.startswith(f"error: {model}"), error
     assert "Traceback" not in error
+
+
+def test_predict_on_the_tflite_and_the_saved_models_own_decoder_agree_on_photo_like_jpegs(exported, tmp_path):
+    """retrain predict (Pillow decode, numpy resize, LiteRT) against the SavedModel's in-graph
+    decoder (what TF Serving runs), on JPEGs with photo-like detail, where a DCT or resize
+    difference would show."""
+    from PIL import Image
+
+    from retrain.predict import load_classifier, predict_files
+    from retrain.tf.export import SavedModelClassifier
+
+    rng = np.random.default_rng(7)
+    files = []
+    for i in range(12):
+        size = (int(rng.integers(120, 400)), int(rng.integers(90, 300)))
+        y, x = np.mgrid[0 : size[1], 0 : size[0]]
+        colour = np.array(list(COLOURS.values())[i % 3], np.float32)
+        pixels = colour * (0.6 + 0.4 * np.sin(x / 7.0 + y / 11.0))[..., None] + rng.normal(0, 20, (*size[::-1], 3))
+        files.append(tmp_path / f"photo{i}.jpg")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(files[-1], quality=int(rng.integers(60, 95)))
+    lite, labels = load_classifier(exported["dir"])
+    ours = predict_files(lite, files, labels, None)
+    served = predict_files(SavedModelClassifier(exported["dir"]), files, labels, None)
+    assert all(a.error is None for a in ours)
+    assert [a.labels[0] for a in ours] == [b.labels[0] for b in served]
+    worst = max(
+        abs(dict(zip(a.labels, a.probabilities))[k] - dict(zip(b.labels, b.probabilities))[k])
+        for a, b in zip(ours, served)
+        for k in labels
+    )
+    assert worst <= 1e-3, worst

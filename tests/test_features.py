@@ -8,8 +8,14 @@ import pytest
 from imagegen import split_examples
 from retrain.backbones import load_backbone
 from retrain.errors import RetrainError
-from retrain.features import (Example, FeatureCache, compute_features, load_split_arrays, write_features_npz,
-                              write_split_arrays)
+from retrain.features import (
+    Example,
+    FeatureCache,
+    compute_features,
+    load_split_arrays,
+    write_features_npz,
+    write_split_arrays,
+)
 
 
 @pytest.fixture

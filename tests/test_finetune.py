@@ -9,12 +9,12 @@ import tensorflow as tf
 
 from default_params import default_params
 from imagegen import make_class_folders, split_examples
+from project import make_project, ran_stages, run, set_params
 from retrain.backbones import load_backbone
 from retrain.errors import RetrainError
+from retrain.params import AugmentParams, FinetuneParams
 from retrain.tf.finetune import finetune, save_backbone, unfrozen_blocks, variable_blocks
 from retrain.tf.head_training import build_head
-from retrain.params import AugmentParams, FinetuneParams
-from project import make_project, ran_stages, run, set_params
 
 AUGMENT = AugmentParams(copies=0, crop_area_min=0.6, flip=True, brightness=0.1)
 FINETUNE = FinetuneParams(enabled=True, blocks=2, epochs=2, learning_rate=0.01, batch_size=4)
@@ -28,8 +28,9 @@ def save_blocks_backbone(path, size=32):
             super().__init__()
             rng = np.random.default_rng(0)
             shapes = {"block0": (3, 3, 3, 4), "block1": (3, 3, 4, 4), "head": (1, 1, 4, 8)}
-            self.kernels = [tf.Variable(rng.normal(size=s).astype("float32") * 0.5, name=f"{n}/kernel")
-                            for n, s in shapes.items()]
+            self.kernels = [
+                tf.Variable(rng.normal(size=s).astype("float32") * 0.5, name=f"{n}/kernel") for n, s in shapes.items()
+            ]
             self.trainable_variables = list(self.kernels)
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
@@ -78,7 +79,7 @@ def test_finetuning_the_embedded_lite0_changes_only_its_top_blocks(examples):
     head = build_head(backbone.feature_dim, 3, default_params().train)
     one_step = FinetuneParams(enabled=True, blocks=2, epochs=1, learning_rate=0.01, batch_size=4)
     finetune(backbone, head, examples, AUGMENT, one_step, label_smoothing=0.1, seed=3)
-    for name, variables in blocks[:-2]:  # frozen: bit for bit the same
+    for _name, variables in blocks[:-2]:  # frozen: bit for bit the same
         for v in variables:
             np.testing.assert_array_equal(v.numpy(), before[v.name], err_msg=v.name)
     for name, variables in blocks[-2:]:  # unfrozen: moved by the step
@@ -110,8 +111,17 @@ def test_repro_with_finetuning_on_and_off(tmp_path):
     root = make_project(tmp_path / "project", str(images), None, save_blocks_backbone(tmp_path / "blocks"))
     set_params(root, **{"augment.copies": 2})
     first = run(root, "dvc", "repro")
-    assert ran_stages(first) == ["download", "split", "bottlenecks", "train", "finetune", "evaluate", "export"]
-    assert json.loads((root / "data/finetune/finetune.json").read_text()) == {"enabled": False}
+    assert ran_stages(first) == [
+        "download",
+        "split",
+        "bottlenecks",
+        "data_report",
+        "train",
+        "finetune",
+        "evaluate",
+        "export",
+    ]
+    assert json.loads((root / "data/finetune/finetune.json").read_text())["enabled"] is False
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["augmented_computed"] == 2 * stats["train_images"]
     frozen_metrics = (root / "data/evaluate/metrics.json").read_text()
@@ -126,5 +136,5 @@ def test_repro_with_finetuning_on_and_off(tmp_path):
 
     set_params(root, **{"finetune.enabled": False})
     run(root, "dvc", "repro")
-    assert json.loads((root / "data/finetune/finetune.json").read_text()) == {"enabled": False}
+    assert json.loads((root / "data/finetune/finetune.json").read_text())["enabled"] is False
     assert (root / "data/evaluate/metrics.json").read_text() == frozen_metrics

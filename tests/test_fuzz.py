@@ -31,7 +31,10 @@ from retrain.tf.export import build_classifier, load_model, save_classifier
 
 LIMIT = 4_000_000  # pixels: small, so forged sizes cross it often and accepted images stay cheap
 FUZZ = settings(
-    max_examples=150, deadline=20_000, derandomize=True, database=None,
+    max_examples=150,
+    deadline=20_000,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -195,9 +198,18 @@ def test_the_served_mlflow_model_refuses_oversized_and_bomb_images_with_a_clear_
     answer = served.predict(pd.DataFrame({"image": [SEEDS["jpeg"], base64.b64encode(SEEDS["png"]).decode()]}))
     assert list(answer.columns) == ["label", "probability", "top_k_labels", "top_k_probabilities"] and len(answer) == 2
     refused = {
-        "bomb": (png_header_only(100_000, 100_000), f"image 1: 100000x100000 pixels, over the {MAX_IMAGE_PIXELS} pixel limit"),
-        "just over": (png_header_only(9460, 9460), f"image 1: 9460x9460 pixels, over the {MAX_IMAGE_PIXELS} pixel limit"),
-        "too big": (SEEDS["jpeg"] + bytes(MAX_FILE_BYTES), f"image 1: {len(SEEDS['jpeg']) + MAX_FILE_BYTES} bytes, over"),
+        "bomb": (
+            png_header_only(100_000, 100_000),
+            f"image 1: 100000x100000 pixels, over the {MAX_IMAGE_PIXELS} pixel limit",
+        ),
+        "just over": (
+            png_header_only(9460, 9460),
+            f"image 1: 9460x9460 pixels, over the {MAX_IMAGE_PIXELS} pixel limit",
+        ),
+        "too big": (
+            SEEDS["jpeg"] + bytes(MAX_FILE_BYTES),
+            f"image 1: {len(SEEDS['jpeg']) + MAX_FILE_BYTES} bytes, over",
+        ),
         "no image": (b"GIF89a" + bytes(3), "image 1: not an image"),
     }
     for case, (payload, message) in refused.items():

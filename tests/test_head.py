@@ -26,7 +26,9 @@ def test_same_seed_same_weights_and_the_head_learns(tmp_path):
     params = default_params().train.model_copy(update={"epochs": 5, "learning_rate": 0.05})
     train, validation = _blobs(90, 0), _blobs(30, 1)
     seen = []
-    first, history = train_head(train, validation, 3, params, seed=7, on_epoch=lambda e, logs, m: seen.append((e, logs)))
+    first, history = train_head(
+        train, validation, 3, params, seed=7, on_epoch=lambda e, logs, m: seen.append((e, logs))
+    )
     second, again = train_head(train, validation, 3, params, seed=7)
     for a, b in zip(_weights(first), _weights(second)):
         assert np.array_equal(a, b)
@@ -39,7 +41,9 @@ def test_same_seed_same_weights_and_the_head_learns(tmp_path):
     assert [logs["val_loss"] for _, logs in seen] == history["val_loss"]
     save_head(to_head(first), tmp_path / "head.npz")
     reloaded = load_head(tmp_path / "head.npz")
-    np.testing.assert_allclose(reloaded.probabilities(validation[0]), first.predict(validation[0], verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.probabilities(validation[0]), first.predict(validation[0], verbose=0), atol=1e-6
+    )
 
 
 def test_early_stopping_ends_on_the_best_epochs_weights():
@@ -47,10 +51,13 @@ def test_early_stopping_ends_on_the_best_epochs_weights():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(64, 32)).astype(np.float32), rng.integers(0, 3, 64).astype(np.int32)
     validation = rng.normal(size=(32, 32)).astype(np.float32), rng.integers(0, 3, 32).astype(np.int32)
-    params = default_params().train.model_copy(update={
-        "epochs": 40, "early_stopping_patience": 3, "learning_rate": 0.02, "hidden_units": 64, "dropout": 0.0})
+    params = default_params().train.model_copy(
+        update={"epochs": 40, "early_stopping_patience": 3, "learning_rate": 0.02, "hidden_units": 64, "dropout": 0.0}
+    )
     snapshots = []
-    model, history = train_head(train, validation, 3, params, seed=0, on_epoch=lambda e, logs, m: snapshots.append(_weights(m)))
+    model, history = train_head(
+        train, validation, 3, params, seed=0, on_epoch=lambda e, logs, m: snapshots.append(_weights(m))
+    )
     best = int(np.argmin(history["val_loss"]))
     assert len(history["val_loss"]) == best + 1 + 3 < 40  # stopped `patience` epochs after the best
     for restored, at_best in zip(_weights(model), snapshots[best]):
@@ -92,23 +99,44 @@ def test_balanced_class_weights_lift_the_rare_class():
 def test_an_epoch_is_keras_fits_epoch(optimizer):
     """Same order, no dropout: one epoch of the loop is `fit`'s epoch (loss, class weights, L2, schedule)."""
     train = _blobs(70, 0)
-    params = default_params().train.model_copy(update={"epochs": 3, "hidden_units": 8, "dropout": 0.0, "l2": 1e-3,
-                                                    "class_weights": "balanced", "batch_size": 16, "optimizer": optimizer})
+    params = default_params().train.model_copy(
+        update={
+            "epochs": 3,
+            "hidden_units": 8,
+            "dropout": 0.0,
+            "l2": 1e-3,
+            "class_weights": "balanced",
+            "batch_size": 16,
+            "optimizer": optimizer,
+        }
+    )
     steps, weights = 5, class_weights(train[1], 3)
 
     set_seed(3)
     reference = build_head(16, 3, params)
     start = reference.get_weights()
-    reference.compile(optimizer=_optimizer(params, 3 * steps),
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing))
-    fitted = reference.fit(train[0], keras.utils.to_categorical(train[1], 3), epochs=3, batch_size=16,
-                           class_weight=weights, shuffle=False, verbose=0).history["loss"]
+    reference.compile(
+        optimizer=_optimizer(params, 3 * steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+    )
+    fitted = reference.fit(
+        train[0],
+        keras.utils.to_categorical(train[1], 3),
+        epochs=3,
+        batch_size=16,
+        class_weight=weights,
+        shuffle=False,
+        verbose=0,
+    ).history["loss"]
 
     model = build_head(16, 3, params)
     model.set_weights(start)
     loop = _EpochLoop(model, 3 * steps, params, 3, seed=3)
     w = np.array([weights[label] for label in train[1]], np.float32)
-    ours = [float(loop.train_epoch(train[0], train[1], w, np.arange(70, dtype=np.int32), np.int64(e))["loss"]) for e in range(3)]
+    ours = [
+        float(loop.train_epoch(train[0], train[1], w, np.arange(70, dtype=np.int32), np.int64(e))["loss"])
+        for e in range(3)
+    ]
     np.testing.assert_allclose(ours, fitted, rtol=1e-5)
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -67,8 +67,9 @@ def test_a_labels_csv_class_that_would_split_or_hide_is_refused_naming_the_line(
     assert "labels.csv line 3" in message and "class name" in message
 
 
-@pytest.mark.parametrize("name", ["rosa\rred", "rosa\x1cred", "rosa\x85red", "rosa\u2028red", "rosa\tred", "rosa "],
-                         ids=ascii)
+@pytest.mark.parametrize(
+    "name", ["rosa\rred", "rosa\x1cred", "rosa\x85red", "rosa\u2028red", "rosa\tred", "rosa "], ids=ascii
+)
 def test_a_class_folder_whose_name_would_split_is_refused(tmp_path, name):
     for folder in ("daisy", name):
         (tmp_path / folder).mkdir()
@@ -97,10 +98,13 @@ def test_the_split_stage_names_a_non_utf8_class_folder_in_one_line_and_exits_1(t
     root = tmp_path / "photos"
     for name in (b"daisy", b"ros\xe9"):
         os.makedirs(os.path.join(os.fsencode(root), name))
-    code = ("import sys; from retrain.errors import exit_on_error; from retrain.split import list_dataset; "
-            "exit_on_error(lambda: list_dataset(sys.argv[1]))")
-    result = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
-                            cwd=Path(__file__).parents[1])
+    code = (
+        "import sys; from retrain.errors import exit_on_error; from retrain.split import list_dataset; "
+        "exit_on_error(lambda: list_dataset(sys.argv[1]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("error: class folder") and result.stderr.count("\n") == 1
 
@@ -126,16 +130,22 @@ def test_an_oxford_label_map_name_that_would_split_is_refused(tmp_path, bad):
 # --- 5. credentials in URLs -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://ann:s3cret@example.com/f.tgz", "https://***@example.com/f.tgz"),
-    ("http://ann:p@ss@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
-    ("https://token@example.com/a.tgz?v=1", "https://***@example.com/a.tgz?v=1"),
-    ("https://h/f.tgz?X-Amz-Signature=abc&X-Amz-Expires=60", "https://h/f.tgz?X-Amz-Signature=***&X-Amz-Expires=60"),
-    ("https://h/f.tgz?access_token=abc", "https://h/f.tgz?access_token=***"),
-    ("http://download.tensorflow.org/example_images/flower_photos.tgz", None),
-    ("/data/flowers.tgz", None),
-    ("sqlite:////work/mlflow.db", None),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://ann:s3cret@example.com/f.tgz", "https://***@example.com/f.tgz"),
+        ("http://ann:p@ss@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+        ("https://token@example.com/a.tgz?v=1", "https://***@example.com/a.tgz?v=1"),
+        (
+            "https://h/f.tgz?X-Amz-Signature=abc&X-Amz-Expires=60",
+            "https://h/f.tgz?X-Amz-Signature=***&X-Amz-Expires=60",
+        ),
+        ("https://h/f.tgz?access_token=abc", "https://h/f.tgz?access_token=***"),
+        ("http://download.tensorflow.org/example_images/flower_photos.tgz", None),
+        ("/data/flowers.tgz", None),
+        ("sqlite:////work/mlflow.db", None),
+    ],
+)
 def test_redact_url_removes_passwords_and_tokens_and_nothing_else(url, shown):
     from retrain.urls import redact_url
 
@@ -143,8 +153,12 @@ def test_redact_url_removes_passwords_and_tokens_and_nothing_else(url, shown):
 
 
 def test_flattened_params_for_mlflow_carry_no_password(tmp_path):
-    params = default_params(**{"data.url": "https://ann:s3cret@example.com/f.tgz?token=t0ken",
-                               "data.extra_files": [{"url": "https://bob:hunter2@example.com/x.mat"}]})
+    params = default_params(
+        **{
+            "data.url": "https://ann:s3cret@example.com/f.tgz?token=t0ken",
+            "data.extra_files": [{"url": "https://bob:hunter2@example.com/x.mat"}],
+        }
+    )
     flat = json.dumps(flatten(params), default=str)
     assert "s3cret" not in flat and "t0ken" not in flat and "hunter2" not in flat
     assert "example.com/f.tgz" in flat
@@ -220,9 +234,13 @@ def test_a_run_on_a_server_with_a_password_stores_and_logs_no_secret(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "split.csv").write_text(
-        "path,label,split,sha256\n" + "".join(f"a/{i}.jpg,a,{s},{i:064x}\n" for i, s in
-                                              enumerate(["train", "validation", "test"])))
-    params = default_params(**{"data.url": "https://ann:s3cret@example.com/f.tgz?token=t0ken"})
+        "path,label,split,sha256\n"
+        + "".join(f"a/{i}.jpg,a,{s},{i:064x}\n" for i, s in enumerate(["train", "validation", "test"]))
+    )
+    # An experiment of its own: the session's server is shared, and others count the runs in "retrain".
+    params = default_params(
+        **{"data.url": "https://ann:s3cret@example.com/f.tgz?token=t0ken", "tracking.experiment": "password-in-urls"}
+    )
     with tracking.stage_run("bottlenecks", params) as run:
         pass
     printed = capfd.readouterr()
@@ -241,12 +259,20 @@ def test_a_run_on_a_server_with_a_password_stores_and_logs_no_secret(tmp_path, m
 
 def test_the_hub_cache_defaults_to_the_users_own_folder_never_the_shared_temp_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TFHUB_CACHE_DIR", "XDG_CACHE_HOME")}
-    code = ("import os, hashlib; from retrain.backbones import presets; "
-            "print(os.environ['TFHUB_CACHE_DIR']); print(presets.hub_cache_path(presets.PRESETS['inception_v3'].handle))")
+    code = (
+        "import os, hashlib; from retrain.backbones import presets; "
+        "print(os.environ['TFHUB_CACHE_DIR']); print(presets.hub_cache_path(presets.PRESETS['inception_v3'].handle))"
+    )
     # A module planted where tensorflow_hub would look by default: another user can write there.
     planted = Path(tempfile.gettempdir(), "tfhub_modules")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**env, "HOME": str(tmp_path)}, cwd=Path(__file__).parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, "HOME": str(tmp_path)},
+        cwd=Path(__file__).parents[1],
+    )
     cache, found = result.stdout.splitlines()
     assert cache == str(tmp_path / ".cache" / "tfhub_modules")
     assert not Path(cache).is_relative_to(planted) and found == "None"
@@ -323,8 +349,15 @@ _FLOAT_STORAGE = b"ctorch\nFloatStorage\n"
 def _tensor(offset, size, stride, numel=4) -> bytes:
     """Opcodes pushing torch._utils._rebuild_tensor_v2(<float storage "0" of numel>, offset, size, stride)."""
     pid = b"(" + _p("storage") + _FLOAT_STORAGE + _p("0") + _p("cpu") + _p(numel) + b"tQ"
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + _p(offset) + _p(tuple(size)) + _p(tuple(stride))
-            + b"\x89ccollections\nOrderedDict\n)R" + b"tR")
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + pid
+        + _p(offset)
+        + _p(tuple(size))
+        + _p(tuple(stride))
+        + b"\x89ccollections\nOrderedDict\n)R"
+        + b"tR"
+    )
 
 
 def _legacy(path: Path, main: bytes, values=(1.0, 2.0, 3.0, 4.0), numel=None) -> Path:
@@ -353,25 +386,35 @@ def _load(path):
 
 
 def test_a_well_formed_tensor_and_its_views_load(tmp_path):
-    path = _legacy(tmp_path / "ok.pth", _state_dict(("w", _tensor(0, (2, 2), (2, 1))), ("t", _tensor(0, (2, 2), (1, 2))),
-                                                    ("row", _tensor(2, (1, 2), (2**62, 1)))))  # a size-1 dim: any stride
+    path = _legacy(
+        tmp_path / "ok.pth",
+        _state_dict(
+            ("w", _tensor(0, (2, 2), (2, 1))),
+            ("t", _tensor(0, (2, 2), (1, 2))),
+            ("row", _tensor(2, (1, 2), (2**62, 1))),
+        ),
+    )  # a size-1 dim: any stride
     loaded = _load(path)
     assert loaded["w"].tolist() == [[1, 2], [3, 4]] and loaded["t"].tolist() == [[1, 3], [2, 4]]
     assert loaded["row"].tolist() == [[3, 4]]
 
 
-@pytest.mark.parametrize("offset, size, stride", [
-    (0, (100,), (1,)),            # more elements than the storage: heap bytes would be copied in
-    (0, (2,), (2**40,)),          # a stride far past the storage: a segfault
-    (0, (2,), (2**63 - 1,)),      # a stride that overflows when multiplied by the item size
-    (-1, (2,), (1,)),             # a negative offset
-    (3, (2,), (1,)),              # an offset plus size past the end
-    (0, (2,), (-1,)),             # a negative stride
-    (0, (-2,), (1,)),             # a negative size
-    (0, (2, 2), (1,)),            # sizes and strides that do not pair up
-    (True, (2,), (1,)),           # a bool where a count belongs
-    (0, (2**40, 2**40), (0, 0)),  # a broadcast of one element to 10^24
-], ids=str)
+@pytest.mark.parametrize(
+    "offset, size, stride",
+    [
+        (0, (100,), (1,)),  # more elements than the storage: heap bytes would be copied in
+        (0, (2,), (2**40,)),  # a stride far past the storage: a segfault
+        (0, (2,), (2**63 - 1,)),  # a stride that overflows when multiplied by the item size
+        (-1, (2,), (1,)),  # a negative offset
+        (3, (2,), (1,)),  # an offset plus size past the end
+        (0, (2,), (-1,)),  # a negative stride
+        (0, (-2,), (1,)),  # a negative size
+        (0, (2, 2), (1,)),  # sizes and strides that do not pair up
+        (True, (2,), (1,)),  # a bool where a count belongs
+        (0, (2**40, 2**40), (0, 0)),  # a broadcast of one element to 10^24
+    ],
+    ids=str,
+)
 def test_a_tensor_that_reaches_outside_its_storage_is_refused(tmp_path, offset, size, stride):
     path = _legacy(tmp_path / "bad.pth", _state_dict(("w", _tensor(offset, size, stride))))
     with pytest.raises(RetrainError) as error:
@@ -397,8 +440,11 @@ def test_deep_nesting_and_huge_counts_are_one_line(tmp_path):
         assert "nested more than" in _one_line(error), name
 
 
-@pytest.mark.parametrize("target", [_FLOAT_STORAGE, b"ctorch._utils\n_rebuild_tensor_v2\n",
-                                    _tensor(0, (2,), (1,))], ids=["storage class", "rebuild function", "tensor"])
+@pytest.mark.parametrize(
+    "target",
+    [_FLOAT_STORAGE, b"ctorch._utils\n_rebuild_tensor_v2\n", _tensor(0, (2,), (1,))],
+    ids=["storage class", "rebuild function", "tensor"],
+)
 def test_build_cannot_rewrite_the_stand_ins(tmp_path, target):
     from retrain.backbones import torch_pickle
 
@@ -430,11 +476,23 @@ def _all_train_names(count: int) -> list[str]:
 
 def test_a_split_with_an_empty_test_split_stops_there_in_one_line(tmp_path):
     names = _all_train_names(3)  # small classes whose file names repeat: every one lands in train
-    rows = [ImageRow(tmp_path / label / name, label, f"{label}{name}".encode().hex().ljust(64, "0")[:64])
-            for label in ("daisy", "tulip") for name in names]
+    rows = [
+        ImageRow(tmp_path / label / name, label, f"{label}{name}".encode().hex().ljust(64, "0")[:64])
+        for label in ("daisy", "tulip")
+        for name in names
+    ]
     with pytest.raises(RetrainError) as error:
-        write_split(rows, [], tmp_path / "split.csv", tmp_path / "rejected.csv", classes=["daisy", "tulip"],
-                    base_dir=tmp_path, validation_percentage=10, testing_percentage=10, min_images_per_class=1)
+        write_split(
+            rows,
+            [],
+            tmp_path / "split.csv",
+            tmp_path / "rejected.csv",
+            classes=["daisy", "tulip"],
+            base_dir=tmp_path,
+            validation_percentage=10,
+            testing_percentage=10,
+            min_images_per_class=1,
+        )
     assert "test split would be empty" in _one_line(error) and "data.testing_percentage" in str(error.value)
     assert not (tmp_path / "split.csv").exists()
 
@@ -465,8 +523,11 @@ def test_promote_of_a_name_with_a_quote_is_one_line(tmp_path, monkeypatch, capsy
         assert line.startswith("error: no MLflow run named")
 
 
-@pytest.mark.parametrize("labels", [[[1, np.inf, 2]], [[1, np.nan, 2]], [[1, 1e300, 2]], [[1, -1, 2]], [[1.5, 2, 1]]],
-                         ids=["inf", "nan", "huge", "negative", "fraction"])
+@pytest.mark.parametrize(
+    "labels",
+    [[[1, np.inf, 2]], [[1, np.nan, 2]], [[1, 1e300, 2]], [[1, -1, 2]], [[1.5, 2, 1]]],
+    ids=["inf", "nan", "huge", "negative", "fraction"],
+)
 def test_a_mat_file_with_numbers_no_image_can_have_is_one_line(tmp_path, labels):
     _oxford(tmp_path, labels=labels[0])
     with pytest.raises(RetrainError) as error:
@@ -474,10 +535,17 @@ def test_a_mat_file_with_numbers_no_image_can_have_is_one_line(tmp_path, labels)
     assert "positive whole numbers" in _one_line(error)
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"1": ' * 5000 + "1" + "}" * 5000,
-                                  '{"1": "daisy", "2": [[["tulip"]]]}', '{"1": "daisy", "2": ' + "9" * 5000 + "}",
-                                  '{"1": "daisy", "2": "\\ud800"}'],
-                         ids=["deep list", "deep object", "nested name", "5000 digits", "lone surrogate"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"1": ' * 5000 + "1" + "}" * 5000,
+        '{"1": "daisy", "2": [[["tulip"]]]}',
+        '{"1": "daisy", "2": ' + "9" * 5000 + "}",
+        '{"1": "daisy", "2": "\\ud800"}',
+    ],
+    ids=["deep list", "deep object", "nested name", "5000 digits", "lone surrogate"],
+)
 def test_a_hostile_label_map_is_one_line(tmp_path, text):
     _oxford(tmp_path, text)
     with pytest.raises(RetrainError) as error:
@@ -497,22 +565,39 @@ def _params_file(tmp_path, text: str) -> Path:
 _BASE = yaml.safe_dump(default_raw(), sort_keys=False)
 
 
-@pytest.mark.parametrize("change, expected", [
-    (("seed: 42", "seed: 4294967296"), "'seed'"),
-    (("seed: 42", "seed: " + "9" * 5000), "cannot be read"),
-    (("seed: 42", "seed: " + "9" * 4000), "'seed'"),
-    (("l2: 0.0", "l2: .inf"), "'train.l2': Input should be a finite number"),
-    (("l2: 0.0", "l2: .nan"), "'train.l2'"),
-    (("hidden_units: 512", "hidden_units: 1000000000"), "'train.hidden_units'"),
-    (("hidden_units: 512", "hidden_units: 1.0e+9"), "'train.hidden_units'"),
-    (("batch_size: 64", "batch_size: 1000000000000"), "'train.batch_size'"),
-    (("labels: null", 'labels: "labels\\0.csv"'), "'data.labels': must be one line"),
-    (("experiment: retrain", 'experiment: "a\\nb"'), "'tracking.experiment': must be one line"),
-    (("seed: 42", "seed: " + "[" * 10_000 + "]" * 10_000), "nested more than"),
-    (("seed: 42", "seed: " + "{a: " * 500 + "1" + "}" * 500), "nested more than"),
-    (("seed: 42", "seed: 42\nseed: 43"), "duplicate key 'seed'"),
-], ids=["seed 2^32", "5000 digits", "4000 digits", "inf", "nan", "hidden 1e9 int", "hidden 1e9 float",
-        "batch 1e12", "NUL", "newline", "deep list", "deep map", "duplicate key"])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("seed: 42", "seed: 4294967296"), "'seed'"),
+        (("seed: 42", "seed: " + "9" * 5000), "cannot be read"),
+        (("seed: 42", "seed: " + "9" * 4000), "'seed'"),
+        (("l2: 0.0", "l2: .inf"), "'train.l2': Input should be a finite number"),
+        (("l2: 0.0", "l2: .nan"), "'train.l2'"),
+        (("hidden_units: 512", "hidden_units: 1000000000"), "'train.hidden_units'"),
+        (("hidden_units: 512", "hidden_units: 1.0e+9"), "'train.hidden_units'"),
+        (("batch_size: 64", "batch_size: 1000000000000"), "'train.batch_size'"),
+        (("labels: null", 'labels: "labels\\0.csv"'), "'data.labels': must be one line"),
+        (("experiment: retrain", 'experiment: "a\\nb"'), "'tracking.experiment': must be one line"),
+        (("seed: 42", "seed: " + "[" * 10_000 + "]" * 10_000), "nested more than"),
+        (("seed: 42", "seed: " + "{a: " * 500 + "1" + "}" * 500), "nested more than"),
+        (("seed: 42", "seed: 42\nseed: 43"), "duplicate key 'seed'"),
+    ],
+    ids=[
+        "seed 2^32",
+        "5000 digits",
+        "4000 digits",
+        "inf",
+        "nan",
+        "hidden 1e9 int",
+        "hidden 1e9 float",
+        "batch 1e12",
+        "NUL",
+        "newline",
+        "deep list",
+        "deep map",
+        "duplicate key",
+    ],
+)
 def test_a_hostile_params_yaml_is_one_line_naming_the_key(tmp_path, change, expected):
     old, new = change
     assert old in _BASE
@@ -531,7 +616,10 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
 
 
 def test_a_batch_size_above_the_dataset_but_sane_is_still_accepted(tmp_path):
-    assert load_params(_params_file(tmp_path, _BASE.replace("batch_size: 64", "batch_size: 4096", 1))).train.batch_size == 4096
+    assert (
+        load_params(_params_file(tmp_path, _BASE.replace("batch_size: 64", "batch_size: 4096", 1))).train.batch_size
+        == 4096
+    )
 
 
 # --- 11. CSV formulas and the MLflow lock --------------------------------------------------------------
@@ -578,4 +666,4 @@ def test_a_compressed_mat_variable_is_one_zlib_stream_as_the_expansion_check_rea
     scipy.io.savemat(buffer, {"x": np.zeros(1000)}, do_compression=True)
     data = buffer.getvalue()
     kind, size = struct.unpack("<II", data[128:136])
-    assert kind == 15 and len(zlib.decompress(data[136:136 + size])) > 8000
+    assert kind == 15 and len(zlib.decompress(data[136 : 136 + size])) > 8000

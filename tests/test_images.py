@@ -25,8 +25,10 @@ def _pil_upright(data: bytes) -> np.ndarray:
 def _photo_like(seed: int, size=(97, 61)) -> bytes:
     """A JPEG with photo-like detail (smooth gradients and noise), so DCT differences would show."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size[1], 0:size[0]]
-    pixels = np.stack([x * 255 / size[0], y * 255 / size[1], (x + y) % 255], axis=2) + rng.normal(0, 25, (*size[::-1], 3))
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = np.stack([x * 255 / size[0], y * 255 / size[1], (x + y) % 255], axis=2) + rng.normal(
+        0, 25, (*size[::-1], 3)
+    )
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=85)
     return out.getvalue()
@@ -44,11 +46,22 @@ def test_jpegs_are_turned_upright_like_photo_viewers_show_them(orientation, big_
 
 
 def test_the_serving_graph_gives_the_decoders_pixels_for_every_format():
-    batch = [jpeg_with_orientation(6), _photo_like(1), _photo_like(2, (300, 200)), image_bytes("PNG", mode="RGBA"),
-             image_bytes("GIF"), image_bytes("BMP"), image_bytes("WEBP"), png_16bit_bytes()]
+    batch = [
+        jpeg_with_orientation(6),
+        _photo_like(1),
+        _photo_like(2, (300, 200)),
+        image_bytes("PNG", mode="RGBA"),
+        image_bytes("GIF"),
+        image_bytes("BMP"),
+        image_bytes("WEBP"),
+        png_16bit_bytes(),
+    ]
     serve = tf.function(
-        lambda batch: tf.map_fn(lambda b: graph_images.resize_image(graph_images.decode_image(b), (24, 31)), batch,
-                                fn_output_signature=tf.float32),
+        lambda batch: tf.map_fn(
+            lambda b: graph_images.resize_image(graph_images.decode_image(b), (24, 31)),
+            batch,
+            fn_output_signature=tf.float32,
+        ),
         input_signature=[tf.TensorSpec([None], tf.string)],
     )
     in_graph = serve(tf.constant(batch)).numpy()
@@ -79,9 +92,13 @@ PIXEL_FINGERPRINTS = {"3": "be2640f24bf7e42e"}  # lossless: as version 2; JPEGs 
 
 
 def _pixel_fingerprint() -> str:
-    images = [image_bytes("PNG", (200, 40, 40), (40, 30), seed=3, mode="RGBA"), png_16bit_bytes(),
-              image_bytes("GIF", (20, 200, 40), (33, 17), seed=5), image_bytes("BMP", (40, 20, 200), (20, 12), seed=6),
-              image_bytes("PNG", (90, 90, 90), (25, 31), seed=7, mode="L")]
+    images = [
+        image_bytes("PNG", (200, 40, 40), (40, 30), seed=3, mode="RGBA"),
+        png_16bit_bytes(),
+        image_bytes("GIF", (20, 200, 40), (33, 17), seed=5),
+        image_bytes("BMP", (40, 20, 200), (20, 12), seed=6),
+        image_bytes("PNG", (90, 90, 90), (25, 31), seed=7, mode="L"),
+    ]
     digest = hashlib.sha256()
     for data in images:
         decoded = decode_image(data)

@@ -30,21 +30,28 @@ def _imported_modules(file: Path, depth: int = 1) -> set[str]:
 
 
 def test_only_retrain_tf_imports_tensorflow():
-    outside = [f for f in sorted((REPO / "retrain").rglob("*.py")) if "tf" not in f.relative_to(REPO / "retrain").parts[:1]]
+    outside = [
+        f for f in sorted((REPO / "retrain").rglob("*.py")) if "tf" not in f.relative_to(REPO / "retrain").parts[:1]
+    ]
     outside += sorted((REPO / "stages").glob("*.py"))
     offenders = {str(f.relative_to(REPO)): sorted(_imported_modules(f) & set(HEAVY)) for f in outside}
     assert not {f: m for f, m in offenders.items() if m}, "TensorFlow imported outside retrain/tf/"
     inside = [f for f in (REPO / "retrain" / "tf").glob("*.py") if f.name != "__init__.py"]
-    light = [f.name for f in inside if not (_imported_modules(f) & set(HEAVY) or "retrain.tf" in _imported_modules(f, 2))]
+    light = [
+        f.name for f in inside if not (_imported_modules(f) & set(HEAVY) or "retrain.tf" in _imported_modules(f, 2))
+    ]
     assert not light, f"modules in retrain/tf/ that need no TensorFlow, to move out: {light}"
 
 
 def test_light_stages_do_not_reach_retrain_tf_at_import_time():
     """A stage script may call into retrain.tf only from inside a function (when the work needs it)."""
     for script in sorted((REPO / "stages").glob("*.py")):
-        top_level = [node for node in ast.parse(script.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
-        modules = {n.module for n in top_level if isinstance(n, ast.ImportFrom)} | {a.name for n in top_level
-                                                                                   if isinstance(n, ast.Import) for a in n.names}
+        top_level = [
+            node for node in ast.parse(script.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))
+        ]
+        modules = {n.module for n in top_level if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in top_level if isinstance(n, ast.Import) for a in n.names
+        }
         uses_tf = any(m and m.startswith("retrain.tf") for m in modules)
         assert uses_tf == (script.stem in {"train", "export"}), script.name
 

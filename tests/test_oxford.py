@@ -77,8 +77,15 @@ def _fetch(url: str, digests: dict, tmp: Path, extras=("imagelabels.mat", "setid
 
 def _split_rows(root: Path, out: Path, split: str) -> tuple[dict, dict, dict]:
     counts = split_dataset(
-        root, out / "split.csv", out / "rejected.csv", base_dir=root, layout="oxford102", split=split,
-        validation_percentage=20, testing_percentage=20, min_images_per_class=2,
+        root,
+        out / "split.csv",
+        out / "rejected.csv",
+        base_dir=root,
+        layout="oxford102",
+        split=split,
+        validation_percentage=20,
+        testing_percentage=20,
+        min_images_per_class=2,
     )
     with open(out / "split.csv", newline="") as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
@@ -121,12 +128,16 @@ def test_a_checksum_mismatch_names_the_file_both_digests_and_the_key(served, tmp
     url, digests = served
     root = fetch_dataset(f"{url}/102flowers.tgz", digests["102flowers.tgz"], tmp_path / "raw", tmp_path / "cache")
     wrong = "0" * 64
-    extras = [ExtraFile(url=f"{url}/imagelabels.mat", sha256=digests["imagelabels.mat"]),
-              ExtraFile(url=f"{url}/setid.mat", sha256=wrong)]
+    extras = [
+        ExtraFile(url=f"{url}/imagelabels.mat", sha256=digests["imagelabels.mat"]),
+        ExtraFile(url=f"{url}/setid.mat", sha256=wrong),
+    ]
     with pytest.raises(RetrainError) as error:
         layouts.fetch_extra_files(extras, root, tmp_path / "cache")
     message = str(error.value)
-    assert message.startswith(f"checksum mismatch for setid.mat ({url}/setid.mat): expected sha256 {wrong}, got {digests['setid.mat']}")
+    assert message.startswith(
+        f"checksum mismatch for setid.mat ({url}/setid.mat): expected sha256 {wrong}, got {digests['setid.mat']}"
+    )
     assert f"set data.extra_files[1].sha256 to {digests['setid.mat']}" in message
     assert not any("setid" in p.name for p in (tmp_path / "cache" / "downloads").iterdir())  # not kept
 
@@ -144,7 +155,9 @@ def test_extra_files_come_from_local_paths_and_a_changed_file_at_a_cached_url_is
     assert (dest / "labels.csv").read_text() == "path,label\na.jpg,cat\n"
     layouts.fetch_extra_files([ExtraFile(url=str(folder / "labels.csv"), sha256=new)], tmp_path, cache)
     assert (tmp_path / "labels.csv").read_text() == "path,label\na.jpg,cat\n"
-    with pytest.raises(RetrainError, match=rf"labels.csv .*expected sha256 {old}, got {new}.*data.extra_files\[0\].sha256"):
+    with pytest.raises(
+        RetrainError, match=rf"labels.csv .*expected sha256 {old}, got {new}.*data.extra_files\[0\].sha256"
+    ):
         layouts.fetch_extra_files([ExtraFile(url=f"file://{folder / 'labels.csv'}", sha256=old)], dest, cache)
     assert (folder / "labels.csv").exists()  # a local file is never deleted
 
@@ -152,16 +165,39 @@ def test_extra_files_come_from_local_paths_and_a_changed_file_at_a_cached_url_is
 @pytest.mark.parametrize(
     "damage, expected",
     [
-        (lambda r: (r / "imagelabels.mat").write_bytes(b"not a mat file"), "imagelabels.mat: not a readable MATLAB file"),
-        (lambda r: _savemat(r / "imagelabels.mat", classes=([1, 2], np.uint8)), "no variable 'labels' (found: classes)"),
-        (lambda r: _savemat(r / "imagelabels.mat", labels=([0, 1, 2], np.uint8)), "'labels' must be positive whole numbers"),
+        (
+            lambda r: (r / "imagelabels.mat").write_bytes(b"not a mat file"),
+            "imagelabels.mat: not a readable MATLAB file",
+        ),
+        (
+            lambda r: _savemat(r / "imagelabels.mat", classes=([1, 2], np.uint8)),
+            "no variable 'labels' (found: classes)",
+        ),
+        (
+            lambda r: _savemat(r / "imagelabels.mat", labels=([0, 1, 2], np.uint8)),
+            "'labels' must be positive whole numbers",
+        ),
         (lambda r: (r / "setid.mat").unlink(), "setid.mat not found; list it in data.extra_files"),
-        (lambda r: _savemat(r / "setid.mat", trnid=([1, 2], np.uint16), valid=([2], np.uint16), tstid=([3], np.uint16)),
-         "image 2 is in two sets (train and validation)"),
-        (lambda r: _savemat(r / "setid.mat", trnid=([1, 99], np.uint16), valid=([2], np.uint16), tstid=([3], np.uint16)),
-         "'trnid' lists image 99, but imagelabels.mat has 30 images"),
-        (lambda r: (r / "cat_to_name.json").write_text('{"1": "a", "2": "b"}'), "cat_to_name.json: no name for class 3"),
-        (lambda r: (r / "label_map.json").write_text('{"1": "a", "2": "a", "3": "c"}'), "the name 'a' is given to two classes"),
+        (
+            lambda r: _savemat(
+                r / "setid.mat", trnid=([1, 2], np.uint16), valid=([2], np.uint16), tstid=([3], np.uint16)
+            ),
+            "image 2 is in two sets (train and validation)",
+        ),
+        (
+            lambda r: _savemat(
+                r / "setid.mat", trnid=([1, 99], np.uint16), valid=([2], np.uint16), tstid=([3], np.uint16)
+            ),
+            "'trnid' lists image 99, but imagelabels.mat has 30 images",
+        ),
+        (
+            lambda r: (r / "cat_to_name.json").write_text('{"1": "a", "2": "b"}'),
+            "cat_to_name.json: no name for class 3",
+        ),
+        (
+            lambda r: (r / "label_map.json").write_text('{"1": "a", "2": "a", "3": "c"}'),
+            "the name 'a' is given to two classes",
+        ),
     ],
 )
 def test_damaged_oxford_files_are_one_line_naming_the_file(served, tmp_path, damage, expected):
@@ -178,10 +214,14 @@ def test_dvc_repro_on_the_official_layout_then_predict_with_category_names(serve
     url, digests = served
     (tmp_path / "project").mkdir()
     root = make_project(tmp_path / "project", f"{url}/102flowers.tgz", digests["102flowers.tgz"], tiny_backbone)
-    set_params(root, **{
-        "data.layout": "oxford102", "data.split": "official",
-        "data.extra_files": [{"url": f"{url}/{n}", "sha256": digests[n]} for n in ("imagelabels.mat", "setid.mat")],
-    })
+    set_params(
+        root,
+        **{
+            "data.layout": "oxford102",
+            "data.split": "official",
+            "data.extra_files": [{"url": f"{url}/{n}", "sha256": digests[n]} for n in ("imagelabels.mat", "setid.mat")],
+        },
+    )
     result = run(root, "dvc", "repro", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert "13 train, 6 validation, 10 test, 1 rejected, 1 duplicates, 1 duplicates moved" in result.stdout
     split = (root / "data" / "split.csv").read_text()
@@ -189,6 +229,17 @@ def test_dvc_repro_on_the_official_layout_then_predict_with_category_names(serve
     photo = tmp_path / "new_orchid.jpg"
     photo.write_bytes(image_bytes("JPEG", COLOURS[2], (48, 48), seed=999))
     (tmp_path / "label_map.json").write_text(json.dumps(NAMES))
-    answer = run(root, sys.executable, "-m", "retrain", "predict", str(photo), "--top_k", "1", "--json",
-                 "--category_names", str(tmp_path / "label_map.json"))
+    answer = run(
+        root,
+        sys.executable,
+        "-m",
+        "retrain",
+        "predict",
+        str(photo),
+        "--top_k",
+        "1",
+        "--json",
+        "--category_names",
+        str(tmp_path / "label_map.json"),
+    )
     assert json.loads(answer.stdout)[0]["predictions"][0]["label"] == "hard-leaved pocket orchid"

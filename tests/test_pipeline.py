@@ -43,15 +43,32 @@ def own_feature_cache(tmp_path_factory):
 def project(tmp_path_factory, own_feature_cache, server, images, tiny_backbone, mlflow_server):
     """The pipeline run once with `dvc repro`, logging to a real MLflow server."""
     served, url = server
-    root = make_project(tmp_path_factory.mktemp("project"), f"{url}/flowers.tgz", publish(images, served), tiny_backbone)
+    root = make_project(
+        tmp_path_factory.mktemp("project"), f"{url}/flowers.tgz", publish(images, served), tiny_backbone
+    )
     first = run(root, "dvc", "repro", tracking_uri=mlflow_server)
-    return {"root": root, "images": images, "served": served, "first": first, "tracking_uri": mlflow_server,
-            "url": f"{url}/flowers.tgz"}
+    return {
+        "root": root,
+        "images": images,
+        "served": served,
+        "first": first,
+        "tracking_uri": mlflow_server,
+        "url": f"{url}/flowers.tgz",
+    }
 
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
     root = project["root"]
-    assert ran_stages(project["first"]) == ["download", "split", "bottlenecks", "data_report", "train", "finetune", "evaluate", "export"]
+    assert ran_stages(project["first"]) == [
+        "download",
+        "split",
+        "bottlenecks",
+        "data_report",
+        "train",
+        "finetune",
+        "evaluate",
+        "export",
+    ]
     assert (root / "data/raw/flowers/red").is_dir()
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["computed"] == 48 and stats["cache_hits"] == 0
@@ -83,7 +100,10 @@ def test_the_mlflow_server_received_the_whole_run(project):
     assert run_info.data.params["train.learning_rate"] == "0.05" and "data.url" in run_info.data.params
     tags = run_info.data.tags
     assert tags["dataset_hash"] and tags["backbone_id"] and tags["bottlenecks.computed"] == "48"
-    assert all(tags[f"retrain.ran.{stage}"] == "true" for stage in ("download", "split", "bottlenecks", "train", "evaluate", "export"))
+    assert all(
+        tags[f"retrain.ran.{stage}"] == "true"
+        for stage in ("download", "split", "bottlenecks", "train", "evaluate", "export")
+    )
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.name"] == "dvc repro"
     assert len(client.get_metric_history(run_info.info.run_id, "val/loss")) > 1
     assert run_info.data.metrics["test/accuracy"] >= 0.9
@@ -94,7 +114,13 @@ def test_the_mlflow_server_received_the_whole_run(project):
     assert sum(int(counts[f"class.{c}"]) for c in CLASSES) == int(counts["images"]) > 0
     assert project["url"] in inputs["train"].dataset.source
     reports = {a.path.split("/")[-1] for a in client.list_artifacts(run_info.info.run_id, "reports")}
-    assert {"confusion_matrix.png", "misclassified.html", "per_class.md", "reliability.png", "learning_curves.png"} <= reports
+    assert {
+        "confusion_matrix.png",
+        "misclassified.html",
+        "per_class.md",
+        "reliability.png",
+        "learning_curves.png",
+    } <= reports
     top = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert {"labels.txt", "tensorboard"} <= top
     assert tags["retrain.model_uri"].startswith("models:/")
@@ -143,13 +169,21 @@ def test_learning_rate_change_reruns_only_the_head(project):
     assert ran_stages(result) == ["train", "finetune", "evaluate", "export"]  # finetune (off) only notes it
 
 
-LIGHT_STAGES = ["download", "split", "bottlenecks", "data_report", "finetune", "evaluate"]  # finetune: with fine-tuning off
+LIGHT_STAGES = [
+    "download",
+    "split",
+    "bottlenecks",
+    "data_report",
+    "finetune",
+    "evaluate",
+]  # finetune: with fine-tuning off
 
 
 def _tensorflow_loaded_after(root, code: str) -> bool:
     """Run code in a fresh interpreter in the project; whether it had imported tensorflow at exit."""
-    probe = ("import atexit, sys\n"
-             "atexit.register(lambda: print('TENSORFLOW-LOADED', 'tensorflow' in sys.modules))\n" + code)
+    probe = (
+        "import atexit, sys\natexit.register(lambda: print('TENSORFLOW-LOADED', 'tensorflow' in sys.modules))\n" + code
+    )
     result = run(root, sys.executable, "-c", probe, tracking_uri=None)
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("TENSORFLOW-LOADED")]
     return line.split()[1] == "True"
@@ -165,12 +199,17 @@ def test_light_stages_predict_and_the_served_model_never_import_tensorflow(proje
     (tmp_path / "red.jpg").write_bytes(image_bytes("JPEG", CLASSES["red"], (70, 70), seed=77))
     predict = f"from retrain.cli import main; assert main(['predict', {str(tmp_path / 'red.jpg')!r}]) == 0"
     assert not _tensorflow_loaded_after(root, predict), "retrain predict (model/model.tflite) imported tensorflow"
-    model_uri = json.loads((root / "data/runs/export.json").read_text())["tags"]["retrain.model_uri"] \
-        if "tags" in json.loads((root / "data/runs/export.json").read_text()) else None
-    serve = ("import mlflow, pandas as pd, pathlib\n"
-             f"mlflow.set_tracking_uri({project['tracking_uri']!r})\n"
-             f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
-             f"answer = model.predict(pd.DataFrame({{'image': [pathlib.Path({str(tmp_path / 'red.jpg')!r}).read_bytes()]}}))\n"
-             "assert answer['label'][0] == 'red', answer\n")
+    model_uri = (
+        json.loads((root / "data/runs/export.json").read_text())["tags"]["retrain.model_uri"]
+        if "tags" in json.loads((root / "data/runs/export.json").read_text())
+        else None
+    )
+    serve = (
+        "import mlflow, pandas as pd, pathlib\n"
+        f"mlflow.set_tracking_uri({project['tracking_uri']!r})\n"
+        f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+        f"answer = model.predict(pd.DataFrame({{'image': [pathlib.Path({str(tmp_path / 'red.jpg')!r}).read_bytes()]}}))\n"
+        "assert answer['label'][0] == 'red', answer\n"
+    )
     if model_uri:
         assert not _tensorflow_loaded_after(root, serve), "the served MLflow model imported tensorflow"

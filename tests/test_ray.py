@@ -89,6 +89,9 @@ def test_ray_engine_on_two_nodes_matches_local_and_shares_its_cache(cluster, pro
     assert (on_ray["computed"], on_ray["cache_hits"]) == (24, 0)
     assert on_ray["augmented_computed"] == local["augmented_computed"]
     assert on_ray["ray_nodes"] == 2 and on_ray["ray_nodes_used"] == 2
+    # Issue #25: the photos' actors load only what they run (the .tflite, the decoder), checked in
+    # the actors' own sys.modules; augmented views still use TensorFlow's random ops.
+    assert on_ray["ray_actors_imported_tensorflow"] is False
     assert_same(arrays(project), expected)
 
     # Local reuses what Ray wrote, computing exactly the entries removed...
@@ -134,17 +137,19 @@ def test_concurrent_writers_on_one_cache_never_leave_a_partial_entry(tmp_path):
                 data = reader.path(f"{k:064x}").read_bytes()
             except FileNotFoundError:
                 continue
-            vector = np.frombuffer(data[len(reader._header):whole - 32], "<f4")
+            vector = np.frombuffer(data[len(reader._header) : whole - 32], "<f4")
             assert len(data) == whole and np.all(vector == vector[0]), k  # one writer's one value, all of it
             seen += 1
     assert all(w.exitcode == 0 for w in writers) and seen > 0
     names = sorted(p.name for p in tmp_path.rglob("*"))  # no temporary file left behind
-    assert names == sorted({"shared", reader.folder.name, *(f"{k:064x}"[:2] for k in range(8)),
-                            *(f"{k:064x}.npy" for k in range(8))})
+    assert names == sorted(
+        {"shared", reader.folder.name, *(f"{k:064x}"[:2] for k in range(8)), *(f"{k:064x}.npy" for k in range(8))}
+    )
 
 
 def test_losing_a_worker_node_mid_run_finishes_or_stops_in_one_line_and_a_rerun_computes_only_the_rest(
-        project, tmp_path, monkeypatch):
+    project, tmp_path, monkeypatch
+):
     """A node of its own cluster dies once the first vectors are in: the stage finishes, or stops with
     one line; either way the next run computes exactly the images still missing."""
     import subprocess
@@ -156,8 +161,15 @@ def test_losing_a_worker_node_mid_run_finishes_or_stops_in_one_line_and_a_rerun_
     run(project, "dvc", "repro", "split")  # then 100 photos per class instead of 8, split by the script itself
     make_class_folders(project / "data/raw/flowers", CLASSES, per_class=100, size=(48, 48))
     run(project, sys.executable, "stages/split.py")
-    set_params(project, **{"bottlenecks.engine": "ray", "bottlenecks.batch_size": 1, "bottlenecks.ray_actors": None,
-                           "augment.copies": 0})
+    set_params(
+        project,
+        **{
+            "bottlenecks.engine": "ray",
+            "bottlenecks.batch_size": 1,
+            "bottlenecks.ray_actors": None,
+            "augment.copies": 0,
+        },
+    )
     features = tmp_path / "cache/features"
     monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20})
@@ -165,8 +177,13 @@ def test_losing_a_worker_node_mid_run_finishes_or_stops_in_one_line_and_a_rerun_
         worker = nodes.add_node(num_cpus=1, object_store_memory=80 * 2**20)
         nodes.wait_for_nodes()
         monkeypatch.setenv("RAY_ADDRESS", nodes.address)
-        stage = subprocess.Popen([sys.executable, "stages/bottlenecks.py"], cwd=project, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stage = subprocess.Popen(
+            [sys.executable, "stages/bottlenecks.py"],
+            cwd=project,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         while stage.poll() is None and sum(1 for _ in features.rglob("*.npy")) < 20:
             time.sleep(0.05)
         nodes.remove_node(worker)  # its raylet and its actor die with it

@@ -92,8 +92,15 @@ def test_write_reports_writes_every_file(tmp_path, test_split):
 
     written = write_reports(out_dir, y_true, probabilities, LABELS, paths, HISTORY, top_k=[1, 2])
 
-    expected = {"confusion_matrix.png", "confusion.csv", "per_class.csv", "per_class.md",
-                "reliability.png", "learning_curves.png", "misclassified.html"}
+    expected = {
+        "confusion_matrix.png",
+        "confusion.csv",
+        "per_class.csv",
+        "per_class.md",
+        "reliability.png",
+        "learning_curves.png",
+        "misclassified.html",
+    }
     assert set(written) == expected
     assert all(written[name] == out_dir / name and written[name].is_file() for name in expected)
     for name in ["confusion_matrix.png", "reliability.png", "learning_curves.png"]:
@@ -145,8 +152,9 @@ def test_misclassified_page_lists_mistakes_worst_first(tmp_path, test_split):
     page = MisclassifiedRows()
     page.feed((tmp_path / "misclassified.html").read_text(encoding="utf-8"))
 
-    assert [(row["path"], row["true"], row["predicted"], float(row["confidence"]))
-            for row in page.rows] == [(paths[i], t, p, c) for i, t, p, c in EXPECTED_WORST_FIRST]
+    assert [(row["path"], row["true"], row["predicted"], float(row["confidence"])) for row in page.rows] == [
+        (paths[i], t, p, c) for i, t, p, c in EXPECTED_WORST_FIRST
+    ]
     assert page.images == 3  # the corrupt image is listed without a thumbnail
     assert "&lt;tulips&gt;" in (tmp_path / "misclassified.html").read_text(encoding="utf-8")
 
@@ -156,8 +164,7 @@ def test_top_misclassified_worst_first_with_limit(test_split):
 
     worst = top_misclassified(y_true, probabilities, LABELS, paths, limit=2)
 
-    assert worst == [Misclassified(paths[i], t, p, pytest.approx(c))
-                     for i, t, p, c in EXPECTED_WORST_FIRST[:2]]
+    assert worst == [Misclassified(paths[i], t, p, pytest.approx(c)) for i, t, p, c in EXPECTED_WORST_FIRST[:2]]
     assert len(top_misclassified(y_true, probabilities, LABELS, paths)) == 4
 
 
@@ -177,9 +184,7 @@ def test_per_class_rows_match_sklearn_classification_report():
     y_true, y_pred = rng.integers(0, 3, 100), rng.integers(0, 3, 100)
     report = classification_report(y_true, y_pred, target_names=LABELS, output_dict=True)
 
-    for name, precision, recall, f1, support in per_class_rows(
-        confusion_matrix(y_true, y_pred, 3), LABELS
-    ):
+    for name, precision, recall, f1, support in per_class_rows(confusion_matrix(y_true, y_pred, 3), LABELS):
         expected = report[name]
         assert (precision, recall, f1, support) == pytest.approx(
             (expected["precision"], expected["recall"], expected["f1-score"], expected["support"])

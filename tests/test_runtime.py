@@ -19,7 +19,7 @@ def test_xnnpack_features_match_tensorflows_on_generated_photos(tmp_path, lite0)
     on_tf, on_xnnpack = lite0
     assert on_xnnpack.runtime == "xnnpack" and on_tf.runtime == "tensorflow"
     examples = split_examples(tmp_path / "images", ["train", "test"], size=(300, 200))
-    (images, *_), = image_batches([e.path for e in examples], on_tf.image_size, len(examples))
+    ((images, *_),) = image_batches([e.path for e in examples], on_tf.image_size, len(examples))
     ours, theirs = on_xnnpack.extract(images), on_tf.features(images).numpy()
     assert ours.shape == theirs.shape == (len(examples), 1280)
     assert np.max(np.abs(ours - theirs)) <= 1e-4
@@ -41,13 +41,14 @@ def test_the_stage_path_fills_the_cache_from_xnnpack(tmp_path, tiny_backbone):
     examples = split_examples(tmp_path / "images", ["train", "validation", "test"])
     cache = FeatureCache(tmp_path / "cache", backbone.id, backbone.feature_dim)
     assert compute_features(examples, backbone, cache, batch_size=5)["computed"] == len(examples)
-    (images, *_), = image_batches([examples[0].path], backbone.image_size, 1)
+    ((images, *_),) = image_batches([examples[0].path], backbone.image_size, 1)
     np.testing.assert_allclose(cache.get(examples[0].sha256), backbone.features(images).numpy()[0], atol=1e-4)
     assert compute_features(examples, backbone, cache, batch_size=5)["computed"] == 0
 
 
 def _save_unconvertible(path):
     """A feature-vector SavedModel whose graph holds string ops, which TFLite's built-ins lack."""
+
     class Stringly(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32)])
         def __call__(self, images):
@@ -77,7 +78,10 @@ def test_a_known_module_starts_without_restoring_it_and_a_changed_one_is_checked
     first = load_backbone(str(folder), runtime="xnnpack")
     again = load_backbone(str(folder), runtime="xnnpack")  # from the memo: validation, id, restore skipped
     assert again._module is None and (again.id, again.image_size, again.feature_dim) == (
-        first.id, first.image_size, first.feature_dim)
+        first.id,
+        first.image_size,
+        first.feature_dim,
+    )
     images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(again.features(images).numpy(), first.features(images).numpy())  # restored when used
     save_tiny_backbone(folder, size=24)  # the same folder, another module

@@ -21,7 +21,9 @@ TRAIN, VALIDATION = _blobs(60, 0), _blobs(24, 1)
 
 def _params(trials=3, **search):
     train = default_params().train
-    return train.model_copy(update={"epochs": 3, "search": train.search.model_copy(update={"trials": trials, **search})})
+    return train.model_copy(
+        update={"epochs": 3, "search": train.search.model_copy(update={"trials": trials, **search})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +78,14 @@ def test_no_validation_data_or_no_trials_is_a_one_line_error():
         search_head(TRAIN, VALIDATION, 3, _params(trials=0), seed=0)
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"trials": -1}, "'train.search.trials': Input should be greater than or equal to 0 (got -1)"),
-    ({"trials": 20, "timeout_s": 0}, "'train.search.timeout_s': Input should be greater than 0 (got 0)"),
-    ({"trials": 20, "trails": 3}, "unknown key 'train.search.trails'"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ({"trials": -1}, "'train.search.trials': Input should be greater than or equal to 0 (got -1)"),
+        ({"trials": 20, "timeout_s": 0}, "'train.search.timeout_s': Input should be greater than 0 (got 0)"),
+        ({"trials": 20, "trails": 3}, "unknown key 'train.search.trails'"),
+    ],
+)
 def test_a_bad_search_config_names_its_key(search, message):
     raw = default_raw(**{"train.search": search})
     with pytest.raises(RetrainError) as error:

@@ -40,9 +40,25 @@ def server(store, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            MODEL_URI,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,7 +71,9 @@ def server(store, tmp_path_factory):
 
 
 def _invoke(url: str, body: str) -> list[dict]:
-    request = urllib.request.Request(f"{url}/invocations", data=body.encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["predictions"]
@@ -64,7 +82,10 @@ def _invoke(url: str, body: str) -> list[dict]:
 
 
 def test_a_served_model_names_the_class_of_a_posted_image(server):
-    images = [image_bytes("JPEG", CLASSES["green"], (90, 70), seed=77), image_bytes("PNG", CLASSES["blue"], (50, 50), seed=78)]
+    images = [
+        image_bytes("JPEG", CLASSES["green"], (90, 70), seed=77),
+        image_bytes("PNG", CLASSES["blue"], (50, 50), seed=78),
+    ]
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()] for image in images]}}
     green, blue = _invoke(server, json.dumps(body))
     assert green["label"] == "green" and blue["label"] == "blue"
@@ -89,7 +110,9 @@ def test_a_request_of_thousands_of_tiny_images_is_refused_naming_the_limit_and_t
 
     gif = base64.b64encode(image_bytes("GIF", (1, 2, 3), (1, 1))).decode()  # 1x1: tiny to send, costly to decode
     body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[gif]] * 6000}})
-    request = urllib.request.Request(f"{server}/invocations", data=body.encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=120)
     assert refused.value.code == 400

@@ -35,8 +35,13 @@ def _fill(examples, backbone: str, umask: int, cache_dir) -> int:
     import pickle
 
     env = {**os.environ, "RETRAIN_CACHE_DIR": str(cache_dir)}
-    result = subprocess.run([sys.executable, "-c", FILL, f"{umask:o}", pickle.dumps(examples).hex(), backbone],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", FILL, f"{umask:o}", pickle.dumps(examples).hex(), backbone],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stdout.split()[-1])
 

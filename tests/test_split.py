@@ -244,8 +244,13 @@ def test_identical_files_share_the_split_of_their_first_file_and_are_listed(tmp_
         (f"photos/red/{names[2]}", "test", "validation"),
     ]
     assert {d["sha256"] for d in duplicates} == {hashlib.sha256(same).hexdigest()}
-    counts = split_dataset(root, tmp_path / "split.csv", tmp_path / "rejected.csv", base_dir=tmp_path,
-                           **{**SETTINGS, "validation_percentage": 30, "testing_percentage": 30})
+    counts = split_dataset(
+        root,
+        tmp_path / "split.csv",
+        tmp_path / "rejected.csv",
+        base_dir=tmp_path,
+        **{**SETTINGS, "validation_percentage": 30, "testing_percentage": 30},
+    )
     assert (counts["duplicates"], counts["duplicates_moved"]) == (2, 2)
     # Adding files never moves the group unless the newcomer sorts first in it.
     (root / "red" / "zz_late_copy.jpg").write_bytes(same)
@@ -257,8 +262,14 @@ def test_identical_files_share_the_split_of_their_first_file_and_are_listed(tmp_
 
 def test_without_duplicates_the_file_is_just_its_header(tmp_path):
     make_class_folders(tmp_path / "photos", per_class=3)
-    counts = split_dataset(tmp_path / "photos", tmp_path / "split.csv", tmp_path / "rejected.csv",
-                           duplicates_csv=tmp_path / "d" / "dups.csv", base_dir=tmp_path, **SETTINGS)
+    counts = split_dataset(
+        tmp_path / "photos",
+        tmp_path / "split.csv",
+        tmp_path / "rejected.csv",
+        duplicates_csv=tmp_path / "d" / "dups.csv",
+        base_dir=tmp_path,
+        **SETTINGS,
+    )
     assert (counts["duplicates"], counts["duplicates_moved"]) == (0, 0)
     assert (tmp_path / "d" / "dups.csv").read_text() == "path,label,split,sha256,moved_from\n"
 
@@ -283,7 +294,10 @@ def test_labels_come_from_the_csv_and_extra_or_missing_files_are_rejected_with_a
     )
     rows, rejected = _split(root, tmp_path, labels="labels.csv")
     assert {r["path"]: r["label"] for r in rows} == {
-        "ds/a.jpg": "cat", "ds/img/b.jpg": "cat", "ds/img/c.jpg": "dog", "ds/d.jpg": "dog",
+        "ds/a.jpg": "cat",
+        "ds/img/b.jpg": "cat",
+        "ds/img/c.jpg": "dog",
+        "ds/d.jpg": "dog",
     }
     assert rejected == {
         "ds/gone.jpg": "listed in labels.csv line 6 but not found",
@@ -305,10 +319,16 @@ def test_a_class_whose_listed_files_are_all_missing_stops_the_stage(tmp_path):
     [
         ("file,class\na.jpg,cat\n", "the first line must name the columns path,label (got file,class)"),
         ("", "the first line must name the columns path,label (got nothing)"),
-        ("path,label\na.jpg,cat\n../b.jpg,dog\n", "labels.csv line 3: path '../b.jpg' is not inside the dataset folder"),
+        (
+            "path,label\na.jpg,cat\n../b.jpg,dog\n",
+            "labels.csv line 3: path '../b.jpg' is not inside the dataset folder",
+        ),
         ("path,label\n/etc/passwd,dog\n", "path '/etc/passwd' is not inside the dataset folder"),
         ("path,label\na.jpg,cat\nb.jpg\n", "labels.csv line 3: expected a path and a label, got 'b.jpg'"),
-        ("path,label\na.jpg,cat\nb.jpg,dog\n./a.jpg,dog\n", "a.jpg is listed twice (labels.csv line 2 and labels.csv line 4)"),
+        (
+            "path,label\na.jpg,cat\nb.jpg,dog\n./a.jpg,dog\n",
+            "a.jpg is listed twice (labels.csv line 2 and labels.csv line 4)",
+        ),
         ("path,label\na.jpg,cat\nb.jpg,cat\n", "lists 1 class; a classifier needs at least two"),
     ],
 )

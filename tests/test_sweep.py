@@ -73,16 +73,34 @@ def swept(tmp_path_factory, any_size_backbone):
     topk = run(root, "dvc", "exp", "run", "-n", "topk13", "-S", "evaluate.top_k=[1,3]")
     nothing = run(root, "dvc", "exp", "run", "-n", "again")  # the workspace already has these results
     runs_after_topk = _runs(client)
-    run(root, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(RATES)}",
-        "-S", f"backbone.image_size={','.join(map(str, SIZES))}")  # the grid: 4 experiments
+    run(
+        root,
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        f"train.learning_rate={','.join(RATES)}",
+        "-S",
+        f"backbone.image_size={','.join(map(str, SIZES))}",
+    )  # the grid: 4 experiments
     try:
         run(root, "dvc", "queue", "start", "-j", "4")
         status = wait_for_queue(root)
     finally:
         run(root, "dvc", "queue", "stop", check=False)  # no worker outlives the test
-    return {"root": root, "client": client, "baseline": baseline, "before": before, "topk": topk,
-            "nothing": nothing, "runs_after_topk": runs_after_topk, "baseline_commit": baseline_commit,
-            "status": status, "experiments": _experiments(root)}
+    return {
+        "root": root,
+        "client": client,
+        "baseline": baseline,
+        "before": before,
+        "topk": topk,
+        "nothing": nothing,
+        "runs_after_topk": runs_after_topk,
+        "baseline_commit": baseline_commit,
+        "status": status,
+        "experiments": _experiments(root),
+    }
 
 
 def test_an_evaluate_only_experiment_gets_its_own_run_pointing_to_the_reused_head(swept):
@@ -99,7 +117,9 @@ def test_an_evaluate_only_experiment_gets_its_own_run_pointing_to_the_reused_hea
     assert "retrain.ran.train" not in tags
     # The reused head's curves and bookkeeping are copied, so the run compares completely.
     client = swept["client"]
-    assert swept["before"]["history"]["train/loss"] == [(m.step, m.value) for m in client.get_metric_history(topk.info.run_id, "train/loss")]
+    assert swept["before"]["history"]["train/loss"] == [
+        (m.step, m.value) for m in client.get_metric_history(topk.info.run_id, "train/loss")
+    ]
     assert tags["backbone_id"] == baseline.data.tags["backbone_id"]
 
 
@@ -120,7 +140,9 @@ def _queued(swept) -> dict[str, dict]:
 
 def test_dvc_exp_show_lists_each_queued_experiment_with_its_params_and_accuracy(swept):
     queued = _queued(swept)
-    grid = sorted((str(e["params"]["train"]["learning_rate"]), e["params"]["backbone"]["image_size"]) for e in queued.values())
+    grid = sorted(
+        (str(e["params"]["train"]["learning_rate"]), e["params"]["backbone"]["image_size"]) for e in queued.values()
+    )
     assert grid == sorted((rate, size) for rate in RATES for size in SIZES), swept["status"]
     runs = _runs(swept["client"])
     for name, experiment in queued.items():

@@ -103,8 +103,9 @@ def test_a_pipeline_run_lands_complete_on_the_team_server(origin, team):
 
 def _invoke(url: str, image: bytes) -> dict:
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["predictions"][0]
@@ -119,9 +120,26 @@ def test_a_promoted_model_serves_from_the_team_registry(origin, team, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": team["uri"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(
-        [str(MLFLOW), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(MLFLOW),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/ping", process, log, timeout_s=300)
         answer = _invoke(f"http://127.0.0.1:{port}", image_bytes("JPEG", CLASSES["green"], (90, 70), seed=77))
@@ -167,8 +185,14 @@ with tracking.stage_run("train", load_params()) as stage:
 def _killed_stage_run(root: Path, team) -> str:
     """The id of a run left RUNNING by a stage that was SIGKILLed while logging."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": team["uri"], "PYTHONPATH": str(root)}
-    process = subprocess.Popen([str(BIN / "python"), "-c", _HANGING_STAGE], cwd=root, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "python"), "-c", _HANGING_STAGE],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         run_id = process.stdout.readline().strip()
     finally:
@@ -188,12 +212,30 @@ def test_two_teammates_and_a_parallel_sweep_log_at_once(origin, team, tmp_path):
     rates = {"alice": "0.04", "bob": "0.06", "sweep-1": "0.02", "sweep-2": "0.03"}
     root = origin["root"]
     for name in ("sweep-1", "sweep-2"):
-        run(root, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rates[name]}",
-            tracking_uri=team["uri"])
+        run(
+            root,
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            name,
+            "-S",
+            f"train.learning_rate={rates[name]}",
+            tracking_uri=team["uri"],
+        )
     env = {**os.environ, "MLFLOW_TRACKING_URI": team["uri"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    teammates = {name: subprocess.Popen(["dvc", "exp", "run", "-n", name, "-S", f"train.learning_rate={rates[name]}"],
-                                        cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for name, clone in (("alice", alice), ("bob", bob))}
+    teammates = {
+        name: subprocess.Popen(
+            ["dvc", "exp", "run", "-n", name, "-S", f"train.learning_rate={rates[name]}"],
+            cwd=clone,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, clone in (("alice", alice), ("bob", bob))
+    }
     try:
         run(root, "dvc", "queue", "start", "-j", "2", tracking_uri=team["uri"])
         outputs = {name: process.communicate(timeout=600)[0] for name, process in teammates.items()}
@@ -228,11 +270,24 @@ def locked():
     team_dir.chmod(0o755)
     port, log = free_port(), team_dir / "team-server.log"
     secret = {"admin": "admin", "password": "a-long-admin-secret-1"}
-    env = {**os.environ, "TEAM_DIR": str(team_dir), "PORT": str(port), "PGPORT": str(free_port()), "WORKERS": "1",
-           "AUTH": "1", "MLFLOW_AUTH_ADMIN_PASSWORD": secret["password"], "MLFLOW": str(MLFLOW),
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    process = subprocess.Popen([str(REPO / "scripts/team_server.sh")], env=env, stdout=open(log, "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "TEAM_DIR": str(team_dir),
+        "PORT": str(port),
+        "PGPORT": str(free_port()),
+        "WORKERS": "1",
+        "AUTH": "1",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secret["password"],
+        "MLFLOW": str(MLFLOW),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    process = subprocess.Popen(
+        [str(REPO / "scripts/team_server.sh")],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def stop():
         if process.poll() is None:

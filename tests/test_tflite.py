@@ -14,9 +14,9 @@ from imagegen import image_bytes
 from retrain.backbones.xnnpack import interpreter_class
 from retrain.cli import main
 from retrain.errors import RetrainError
-from retrain.tf.export import SavedModelClassifier
 from retrain.params import parse_params
 from retrain.predict import predict_files
+from retrain.tf.export import SavedModelClassifier
 from retrain.tf.tflite_convert import convert, export_variants
 from retrain.tflite_variants import TfliteModel, file_name
 
@@ -50,8 +50,13 @@ def variants(tmp_path_factory, colour_classifier, colour_model_dir):
     out = tmp_path_factory.mktemp("tflite") / "model"
     shutil.copytree(colour_model_dir, out)
     test = colour_images(tmp_path_factory.mktemp("tflite-test"))
-    metrics, printed = run_export(colour_classifier["classifier"], out, colour_classifier["paths"], test,
-                                  tflite_quantized=["float16", "dynamic_range", "int8"])  # the phone release's list
+    metrics, printed = run_export(
+        colour_classifier["classifier"],
+        out,
+        colour_classifier["paths"],
+        test,
+        tflite_quantized=["float16", "dynamic_range", "int8"],
+    )  # the phone release's list
     return {"dir": out, "metrics": metrics, "printed": printed, "test": test}
 
 
@@ -106,14 +111,22 @@ def test_drop_gate_refuses_int8_calibrated_on_unlike_images(variants, colour_cla
     out = tmp_path / "model"
     out.mkdir()
     shutil.copy(variants["dir"] / "model.tflite", out)
-    metrics, printed = run_export(colour_classifier["classifier"], out, black, variants["test"], tflite_quantized=["int8"])
+    metrics, printed = run_export(
+        colour_classifier["classifier"], out, black, variants["test"], tflite_quantized=["int8"]
+    )
     assert metrics["tflite_int8_written"] == 0 and metrics["tflite_int8_accuracy"] < 0.99
     assert not (out / "model_int8.tflite").exists()
     refused = json.loads((out / "tflite_metrics.json").read_text())["variants"]["int8"]["refused"]
     assert printed[-1] == refused and refused.startswith("int8: refused, test accuracy")
     assert "points below float32's 1.0000 (export.max_quantization_drop 1.0); model_int8.tflite not written" in refused
-    metrics, _ = run_export(colour_classifier["classifier"], out, black, variants["test"], tflite_quantized=["int8"],
-                            max_quantization_drop=100.0)
+    metrics, _ = run_export(
+        colour_classifier["classifier"],
+        out,
+        black,
+        variants["test"],
+        tflite_quantized=["int8"],
+        max_quantization_drop=100.0,
+    )
     assert metrics["tflite_int8_written"] == 1 and (out / "model_int8.tflite").is_file()  # the gate, not the model
 
 
@@ -128,9 +141,14 @@ def test_predict_on_a_tflite_takes_the_same_flags_and_labels_from_its_metadata(v
     (images / "sub" / "c_green.webp").write_bytes(image_bytes("WEBP", COLOURS["green"], seed=12))
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"3": "Scarlet", "green": "Leafy"}))
-    status = main(["predict", str(images), "--model", str(alone), "--top_k", "1", "--category_names", str(names), "--json"])
+    status = main(
+        ["predict", str(images), "--model", str(alone), "--top_k", "1", "--category_names", str(names), "--json"]
+    )
     results = json.loads(capsys.readouterr().out)
-    assert status == 0 and [r["path"].rsplit("/", 1)[-1] for r in results] == ["a_red.jpg", "c_green.webp"]  # text skipped
+    assert status == 0 and [r["path"].rsplit("/", 1)[-1] for r in results] == [
+        "a_red.jpg",
+        "c_green.webp",
+    ]  # text skipped
     assert [r["predictions"][0]["label"] for r in results] == ["Scarlet", "Leafy"]
     assert len(results[0]["predictions"]) == 1
 
@@ -141,7 +159,9 @@ def test_predict_on_float_tflite_gives_the_saved_models_probabilities(variants, 
     saved = predict_files(SavedModelClassifier(variants["dir"]), [image], list(COLOURS), None)[0]
     lite = predict_files(TfliteModel.from_file(variants["dir"] / "model.tflite"), [image], list(COLOURS), None)[0]
     assert lite.labels == saved.labels and lite.labels[0] == "blue"
-    np.testing.assert_allclose(lite.probabilities, saved.probabilities, atol=1e-4)  # the metadata's normalisation applied
+    np.testing.assert_allclose(
+        lite.probabilities, saved.probabilities, atol=1e-4
+    )  # the metadata's normalisation applied
     monkeypatch.delenv("DISPLAY", raising=False)
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")  # --show saves where the user is, never beside the photo
@@ -185,8 +205,11 @@ def test_export_reuses_the_backbones_conversion_and_writes_each_heads_weights_in
 
     def classifier(seed):
         rng = np.random.default_rng(seed)
-        head = Head([rng.normal(size=(backbone.feature_dim, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)],
-                    [rng.normal(size=6).astype(np.float32), rng.normal(size=3).astype(np.float32)], ["tanh", "softmax"])
+        head = Head(
+            [rng.normal(size=(backbone.feature_dim, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)],
+            [rng.normal(size=6).astype(np.float32), rng.normal(size=3).astype(np.float32)],
+            ["tanh", "softmax"],
+        )
         return build_classifier(backbone, head, ["a", "b", "c"], top_k=1)
 
     first = tflite_convert.float32_model(classifier(1))
@@ -204,4 +227,6 @@ def test_export_reuses_the_backbones_conversion_and_writes_each_heads_weights_in
         for image, probabilities in zip(images, expected):
             runner.set_tensor(runner.get_input_details()[0]["index"], image[None])
             runner.invoke()
-            np.testing.assert_allclose(runner.get_tensor(runner.get_output_details()[0]["index"])[0], probabilities, atol=1e-5)
+            np.testing.assert_allclose(
+                runner.get_tensor(runner.get_output_details()[0]["index"])[0], probabilities, atol=1e-5
+            )

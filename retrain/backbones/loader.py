@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from retrain.backbones import efficientnet_lite, presets, xnnpack
 from retrain.atomic import atomic_file
+from retrain.backbones import efficientnet_lite, presets, xnnpack
 from retrain.cache import backbones_root
 from retrain.errors import RetrainError
 
@@ -103,8 +103,10 @@ class Backbone:
         return list(getattr(self.module, "trainable_variables", None) or [])
 
     def __repr__(self):
-        return (f"Backbone(name={self.name!r}, image_size={self.image_size}, "
-                f"feature_dim={self.feature_dim}, id={self.id[:12]}…)")
+        return (
+            f"Backbone(name={self.name!r}, image_size={self.image_size}, "
+            f"feature_dim={self.feature_dim}, id={self.id[:12]}…)"
+        )
 
 
 def load_backbone(spec: str, image_size: tuple[int, int] | None = None, runtime: str = "tensorflow") -> "Backbone":
@@ -127,8 +129,10 @@ def load_backbone(spec: str, image_size: tuple[int, int] | None = None, runtime:
 
 def _load(spec, image_size):
     if not isinstance(spec, str) or not spec.strip():
-        raise RetrainError(f"backbone name must be a preset, TF Hub URL or SavedModel folder, "
-                           f"got {spec!r}; presets: {', '.join(presets.names())}")
+        raise RetrainError(
+            f"backbone name must be a preset, TF Hub URL or SavedModel folder, "
+            f"got {spec!r}; presets: {', '.join(presets.names())}"
+        )
     if image_size is not None:
         image_size = _check_image_size(spec, image_size)
     load, source, extra = _load_module(spec, image_size)
@@ -151,8 +155,11 @@ def _load(spec, image_size):
 def _read_memo(memo):
     try:
         known = json.loads(memo.read_text(encoding="utf-8")) if memo else None
-        return {"id": str(known["id"]), "feature_dim": int(known["feature_dim"]),
-                "image_size": tuple(int(v) for v in known["image_size"])}
+        return {
+            "id": str(known["id"]),
+            "feature_dim": int(known["feature_dim"]),
+            "image_size": tuple(int(v) for v in known["image_size"]),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -164,10 +171,12 @@ def _memo_path(source, size, extra):
     if not folder:
         return None
     digest = hashlib.sha256(f"{BACKBONE_VERSION}|{size}|{extra}|{os.path.abspath(folder)}".encode())
-    for root, dirs, files in sorted(os.walk(folder)):
+    for root, _dirs, files in sorted(os.walk(folder)):
         for name in sorted(files):
             stat = os.stat(os.path.join(root, name))
-            digest.update(f"|{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(
+                f"|{os.path.relpath(os.path.join(root, name), folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+            )
     return backbones_root() / "ids" / f"{digest.hexdigest()}.json"
 
 
@@ -185,11 +194,15 @@ def _load_module(spec, image_size=None):
     folder = os.path.expanduser(spec)
     if os.path.isdir(folder):
         if not os.path.isfile(os.path.join(folder, "saved_model.pb")):
-            raise RetrainError(f"{folder}: not a SavedModel folder (no saved_model.pb); "
-                               "backbone.name takes a preset, a TF Hub URL or a SavedModel folder")
+            raise RetrainError(
+                f"{folder}: not a SavedModel folder (no saved_model.pb); "
+                "backbone.name takes a preset, a TF Hub URL or a SavedModel folder"
+            )
         return functools.partial(_load_dir, spec, folder), folder, ""
-    raise RetrainError(f"backbone {spec!r} is no preset, URL or folder; presets: "
-                       f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)")
+    raise RetrainError(
+        f"backbone {spec!r} is no preset, URL or folder; presets: "
+        f"{', '.join(presets.names())} (or a TF Hub URL or a SavedModel folder)"
+    )
 
 
 def _load_dir(spec, path):
@@ -210,8 +223,9 @@ def _check_image_size(spec, image_size):
     except (TypeError, ValueError):
         h = w = 0
     if h <= 0 or w <= 0:
-        raise RetrainError(f"backbone {spec!r}: image_size must be two positive integers "
-                           f"[height, width], got {image_size!r}")
+        raise RetrainError(
+            f"backbone {spec!r}: image_size must be two positive integers [height, width], got {image_size!r}"
+        )
     return (h, w)
 
 

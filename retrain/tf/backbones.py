@@ -27,13 +27,14 @@ def check_module(spec, load, image_size, source, extra):
 
 def load_dir(spec, path):
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise RetrainError(f"{path}: not a SavedModel folder (no saved_model.pb); "
-                           "backbone.name takes a preset, a TF Hub URL or a SavedModel folder")
+        raise RetrainError(
+            f"{path}: not a SavedModel folder (no saved_model.pb); "
+            "backbone.name takes a preset, a TF Hub URL or a SavedModel folder"
+        )
     try:
         return tf.saved_model.load(path)
     except Exception as e:  # TF raises many types for a corrupt model
-        raise RetrainError(f"{path}: cannot load SavedModel ({type(e).__name__}: "
-                           f"{_first_line(e)})") from None
+        raise RetrainError(f"{path}: cannot load SavedModel ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def load_hub(handle):
@@ -45,9 +46,11 @@ def load_hub(handle):
     try:
         return hub.load(handle)
     except Exception as e:
-        raise RetrainError(f"{handle}: cannot load TF Hub module ({type(e).__name__}: "
-                           f"{_first_line(e)}); to use a local copy set "
-                           "`backbone.name: /path/to/saved_model`") from None
+        raise RetrainError(
+            f"{handle}: cannot load TF Hub module ({type(e).__name__}: "
+            f"{_first_line(e)}); to use a local copy set "
+            "`backbone.name: /path/to/saved_model`"
+        ) from None
 
 
 def feature_function(spec, module):
@@ -56,6 +59,7 @@ def feature_function(spec, module):
     Uses `module(images)` (TF2 hub modules, tf.Module exports), else the serving signature.
     """
     if callable(module):
+
         @tf.autograph.experimental.do_not_convert  # straight-line TF: nothing to convert
         def call_module(images):
             return module(images)
@@ -64,8 +68,9 @@ def feature_function(spec, module):
     signature = getattr(module, "signatures", {}).get("serving_default")
     inputs = signature.structured_input_signature[1] if signature is not None else {}
     if len(inputs) != 1:
-        raise RetrainError(f"{spec}: module is not callable and has no one-input serving_default "
-                           f"signature; expected {CONVENTION}")
+        raise RetrainError(
+            f"{spec}: module is not callable and has no one-input serving_default signature; expected {CONVENTION}"
+        )
     (input_name,) = inputs
 
     @tf.autograph.experimental.do_not_convert
@@ -80,7 +85,7 @@ def feature_function(spec, module):
 
 def _traced_specs(module):
     """First-argument TensorSpecs of a restored tf.function (`module.__call__`); may be empty."""
-    function = getattr(module, "__call__", None)
+    function = module.__call__ if callable(module) else None
     specs = []
     for concrete in getattr(function, "concrete_functions", None) or []:
         args = concrete.structured_input_signature[0]
@@ -93,15 +98,16 @@ def _resolve_image_size(spec, input_specs, image_size, preset_size=None):
     """The module's fixed H, W if its signature has them, else image_size, the preset's or 224x224."""
     for s in input_specs:
         if s.shape.rank != 4 or s.dtype != tf.float32 or s.shape[3] not in (3, None):
-            raise RetrainError(f"{spec}: module input is {s.dtype.name} {s.shape}; "
-                               f"expected {CONVENTION}")
+            raise RetrainError(f"{spec}: module input is {s.dtype.name} {s.shape}; expected {CONVENTION}")
     fixed = {tuple(s.shape[1:3]) for s in input_specs if None not in tuple(s.shape[1:3])}
     if len(fixed) == 1:
         size = fixed.pop()
         if image_size is not None and tuple(image_size) != size:
-            raise RetrainError(f"{spec}: module takes {size[0]}x{size[1]} images, not "
-                               f"{image_size[0]}x{image_size[1]}; leave backbone.image_size "
-                               f"unset or set it to {size[0] if size[0] == size[1] else list(size)}")
+            raise RetrainError(
+                f"{spec}: module takes {size[0]}x{size[1]} images, not "
+                f"{image_size[0]}x{image_size[1]}; leave backbone.image_size "
+                f"unset or set it to {size[0] if size[0] == size[1] else list(size)}"
+            )
         return size
     return tuple(image_size or preset_size or DEFAULT_IMAGE_SIZE)
 
@@ -111,15 +117,16 @@ def _validate(spec, call, size):
     try:
         out = call(tf.zeros([2, *size, 3], tf.float32))
     except Exception as e:
-        raise RetrainError(f"{spec}: module fails on float32 [2,{size[0]},{size[1]},3] input "
-                           f"({type(e).__name__}: {_first_line(e)}); expected {CONVENTION}"
-                           ) from None
+        raise RetrainError(
+            f"{spec}: module fails on float32 [2,{size[0]},{size[1]},3] input "
+            f"({type(e).__name__}: {_first_line(e)}); expected {CONVENTION}"
+        ) from None
     if not isinstance(out, tf.Tensor):
-        raise RetrainError(f"{spec}: module returns {type(out).__name__}, not one Tensor; "
-                           f"expected {CONVENTION}")
+        raise RetrainError(f"{spec}: module returns {type(out).__name__}, not one Tensor; expected {CONVENTION}")
     if out.dtype != tf.float32 or out.shape.rank != 2 or out.shape[0] != 2:
-        raise RetrainError(f"{spec}: module returns {out.dtype.name} {out.shape.as_list()} for "
-                           f"2 images; expected {CONVENTION}")
+        raise RetrainError(
+            f"{spec}: module returns {out.dtype.name} {out.shape.as_list()} for 2 images; expected {CONVENTION}"
+        )
     return out.shape[1]
 
 
@@ -163,8 +170,7 @@ def _graph_digest(spec, source):
         with open(os.path.join(folder or "", "saved_model.pb"), "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
     except OSError:
-        raise RetrainError(f"{spec}: module has neither variables nor a saved_model.pb to "
-                           "identify it by") from None
+        raise RetrainError(f"{spec}: module has neither variables nor a saved_model.pb to identify it by") from None
 
 
 def to_tflite(backbone, batch: int) -> bytes:

@@ -11,8 +11,14 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from retrain.backbones.efficientnet_lite import (DEFAULT_VARIANT, FEATURE_DIM, IMAGE_SIZE, block_strides,
-                                                 default_image_size, weights_file)
+from retrain.backbones.efficientnet_lite import (
+    DEFAULT_VARIANT,
+    FEATURE_DIM,
+    IMAGE_SIZE,
+    block_strides,
+    default_image_size,
+    weights_file,
+)
 from retrain.backbones.torch_pickle import load_state_dict
 from retrain.errors import RetrainError
 
@@ -23,6 +29,7 @@ MICRO_BATCH = 4
 
 
 # ---- folding PyTorch layers into TensorFlow kernels -------------------------------------------
+
 
 def _bn_scale_shift(sd, prefix):
     scale = sd[prefix + ".weight"] / np.sqrt(sd[prefix + ".running_var"] + BN_EPSILON)
@@ -49,11 +56,11 @@ def _check_state_dict(sd, path, variant, strides):
     expected += [f"_blocks.{i}._depthwise_conv.weight" for i in range(len(strides))]
     missing = [k for k in expected if k not in sd]
     if missing or f"_blocks.{len(strides)}._depthwise_conv.weight" in sd:
-        raise RetrainError(f"{path}: not an {variant} state dict "
-                           f"(missing {missing[:3]} or not {len(strides)} blocks)")
+        raise RetrainError(f"{path}: not an {variant} state dict (missing {missing[:3]} or not {len(strides)} blocks)")
 
 
 # ---- the network ------------------------------------------------------------------------------
+
 
 class EfficientNetLite(tf.train.Checkpoint):
     """An EfficientNet-Lite with folded batch norm, as a reusable SavedModel in TF Hub's format.
@@ -126,15 +133,15 @@ class EfficientNetLite(tf.train.Checkpoint):
     def _in_micro_batches(self, images):
         n = tf.shape(images)[0]
         chunks = (n + MICRO_BATCH - 1) // MICRO_BATCH
-        out = tf.TensorArray(tf.float32, size=chunks, infer_shape=False,
-                             element_shape=tf.TensorShape([None, FEATURE_DIM]))
+        out = tf.TensorArray(
+            tf.float32, size=chunks, infer_shape=False, element_shape=tf.TensorShape([None, FEATURE_DIM])
+        )
 
         def body(i, out):
-            chunk = images[i * MICRO_BATCH:(i + 1) * MICRO_BATCH]
+            chunk = images[i * MICRO_BATCH : (i + 1) * MICRO_BATCH]
             return i + 1, out.write(i, self._features(chunk))
 
-        _, out = tf.while_loop(lambda i, _: i < chunks, body, [tf.constant(0), out],
-                               parallel_iterations=1)
+        _, out = tf.while_loop(lambda i, _: i < chunks, body, [tf.constant(0), out], parallel_iterations=1)
         features = out.concat()
         features.set_shape([None, FEATURE_DIM])
         return features
@@ -171,6 +178,7 @@ def build(weights_path=None, image_size=None, *, variant=DEFAULT_VARIANT):
 
 # ---- one-time conversion into the cache -------------------------------------------------------
 
+
 def _remove_stale_temp_dirs(parent, max_age_s=3600):
     """Temp folders of conversions killed long ago; recent ones may belong to a live process."""
     for name in os.listdir(parent):
@@ -191,14 +199,20 @@ def convert_to(target, weights_path, image_size, variant):
         _remove_stale_temp_dirs(parent)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     except OSError as e:
-        raise RetrainError(f"{parent}: cannot create the backbone cache folder ({e.strerror}); "
-                           "set RETRAIN_CACHE_DIR to a writable folder") from None
+        raise RetrainError(
+            f"{parent}: cannot create the backbone cache folder ({e.strerror}); "
+            "set RETRAIN_CACHE_DIR to a writable folder"
+        ) from None
     try:
         module = build(weights_path, image_size, variant=variant)
-        tf.saved_model.save(module, tmp, signatures={
-            "serving_default": module.__call__.get_concrete_function(),
-            "classify": module.classify.get_concrete_function(),
-        })
+        tf.saved_model.save(
+            module,
+            tmp,
+            signatures={
+                "serving_default": module.__call__.get_concrete_function(),
+                "classify": module.classify.get_concrete_function(),
+            },
+        )
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, target)

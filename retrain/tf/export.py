@@ -65,7 +65,9 @@ class Classifier(tf.Module):
         An image whose header announces more than max_image_pixels fails the call with an
         InvalidArgumentError before any pixel is decoded (a client may send a decompression bomb).
         """
-        images = tf.map_fn(self._decode_checked, image_bytes,
+        images = tf.map_fn(
+            self._decode_checked,
+            image_bytes,
             fn_output_signature=tf.TensorSpec([*self.image_size, 3], tf.float32),
         )
         probabilities = self._classify_images(images)["probabilities"]
@@ -87,8 +89,9 @@ def check_accuracy(accuracy: float, min_accuracy: float) -> None:
         )
 
 
-def build_classifier(backbone, head: Head, labels: list[str], top_k: int,
-                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> Classifier:
+def build_classifier(
+    backbone, head: Head, labels: list[str], top_k: int, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> Classifier:
     return Classifier(backbone, head, labels, top_k, max_image_pixels)
 
 
@@ -121,8 +124,9 @@ def load_model(model_dir: Path):
     try:
         return tf.saved_model.load(str(saved))
     except Exception as error:  # TF raises many types for a damaged model
-        raise RetrainError(f"{saved}: cannot load the SavedModel ({type(error).__name__}); export it again "
-                           "(dvc repro export)") from None
+        raise RetrainError(
+            f"{saved}: cannot load the SavedModel ({type(error).__name__}); export it again (dvc repro export)"
+        ) from None
 
 
 class SavedModelClassifier:
@@ -132,8 +136,10 @@ class SavedModelClassifier:
         self.model = load_model(model_dir)
         signatures = getattr(self.model, "signatures", {})
         if "serving_default" not in signatures or "labels" not in signatures:
-            raise RetrainError(f"{model_dir}: not a model exported by retrain (no serving_default and labels "
-                               "signatures); pass --model with an exported model folder or .tflite file")
+            raise RetrainError(
+                f"{model_dir}: not a model exported by retrain (no serving_default and labels "
+                "signatures); pass --model with an exported model folder or .tflite file"
+            )
         self.labels = [label.decode() for label in signatures["labels"]()["labels"].numpy()]
 
     def probabilities(self, contents: bytes) -> np.ndarray:
@@ -150,8 +156,10 @@ def predict_bytes(model, contents: list[bytes], batch_size: int = 32) -> np.ndar
     """Probabilities [N,C] from the exported serving signature, batch by batch."""
     serve = model.signatures["serving_default"]
     with filtered_stderr():  # TensorFlow's uint8 ops print a false alarm on AVX-512 machines
-        out = [serve(image_bytes=tf.constant(contents[i : i + batch_size]))["probabilities"].numpy()
-               for i in range(0, len(contents), batch_size)]
+        out = [
+            serve(image_bytes=tf.constant(contents[i : i + batch_size]))["probabilities"].numpy()
+            for i in range(0, len(contents), batch_size)
+        ]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

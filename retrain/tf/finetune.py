@@ -25,9 +25,9 @@ from retrain.atomic import atomic_dir
 from retrain.augment import view_seed
 from retrain.errors import RetrainError
 from retrain.features import Example, class_names, image_batches, write_features_npz
+from retrain.params import AugmentParams, FinetuneParams
 from retrain.tf.augment import augmenter
 from retrain.tf.head_training import head_logits, set_seed
-from retrain.params import AugmentParams, FinetuneParams
 
 
 def variable_blocks(backbone) -> list[tuple[str, list]]:
@@ -46,16 +46,27 @@ def unfrozen_blocks(backbone, count: int) -> list[tuple[str, list]]:
     """The top `count` blocks; one-line RetrainError when the backbone cannot be fine-tuned."""
     blocks = variable_blocks(backbone)
     if not blocks:
-        raise RetrainError(f"backbone {backbone.name!r} exposes no trainable variables, so it cannot be "
-                           "fine-tuned; set finetune.enabled: false or use backbone.name: efficientnet_lite0")
+        raise RetrainError(
+            f"backbone {backbone.name!r} exposes no trainable variables, so it cannot be "
+            "fine-tuned; set finetune.enabled: false or use backbone.name: efficientnet_lite0"
+        )
     if count > len(blocks):
-        raise RetrainError(f"finetune.blocks is {count} but backbone {backbone.name!r} has only {len(blocks)} "
-                           f"blocks ({blocks[0][0]} … {blocks[-1][0]}); lower finetune.blocks")
+        raise RetrainError(
+            f"finetune.blocks is {count} but backbone {backbone.name!r} has only {len(blocks)} "
+            f"blocks ({blocks[0][0]} … {blocks[-1][0]}); lower finetune.blocks"
+        )
     return blocks[-count:]
 
 
-def finetune(backbone, head: keras.Model, examples: list[Example], augment: AugmentParams,
-             params: FinetuneParams, label_smoothing: float, seed: int) -> dict:
+def finetune(
+    backbone,
+    head: keras.Model,
+    examples: list[Example],
+    augment: AugmentParams,
+    params: FinetuneParams,
+    label_smoothing: float,
+    seed: int,
+) -> dict:
     """Train the top `params.blocks` blocks and the head in place; return per-epoch history.
 
     examples: all rows of split.csv (train rows are trained on, validation rows pick the epoch).
@@ -87,14 +98,16 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
     features = tf.function(backbone.features, reduce_retracing=True)
     history = {"loss": [], "val_loss": [], "val_accuracy": [], "epoch_seconds": []}
     best, best_loss = _snapshot(variables), np.inf
+    transform = augmenter(augment) if augment is not None else None  # one for every epoch: seeds vary the views
     for epoch in range(params.epochs):
         started = time.perf_counter()
         order = np.random.default_rng([seed, epoch]).permutation(len(train))
         rows = [train[i] for i in order]
         seeds = [view_seed(seed, e.sha256, f"finetune-{epoch}") for e in rows]
         labels = np.array([index[e.label] for e in rows], np.int32)
-        transform = augmenter(augment) if augment is not None else None
-        dataset = image_batches([e.path for e in rows], backbone.image_size, params.batch_size, transform, seeds, [labels])
+        dataset = image_batches(
+            [e.path for e in rows], backbone.image_size, params.batch_size, transform, seeds, [labels]
+        )
         with tqdm(total=len(rows), unit="img", desc=f"finetune epoch {epoch + 1}", mininterval=5.0) as bar:
             losses = []
             for images, batch_labels in dataset:
@@ -103,8 +116,11 @@ def finetune(backbone, head: keras.Model, examples: list[Example], augment: Augm
         val_loss, val_accuracy = _validate(features, head, validation, index, backbone.image_size, params.batch_size)
         for key, value in zip(history, (np.mean(losses), val_loss, val_accuracy, time.perf_counter() - started)):
             history[key].append(float(value))
-        print(f"finetune epoch {epoch + 1}/{params.epochs}: loss {history['loss'][-1]:.4f} "
-              f"val_loss {val_loss:.4f} val_accuracy {val_accuracy:.4f} ({history['epoch_seconds'][-1]:.0f} s)", flush=True)
+        print(
+            f"finetune epoch {epoch + 1}/{params.epochs}: loss {history['loss'][-1]:.4f} "
+            f"val_loss {val_loss:.4f} val_accuracy {val_accuracy:.4f} ({history['epoch_seconds'][-1]:.0f} s)",
+            flush=True,
+        )
         if val_loss < best_loss or not validation:
             best, best_loss = _snapshot(variables), val_loss
     for variable, value in zip(variables, best):
@@ -130,11 +146,16 @@ def _validate(features, head, rows, index, image_size, batch_size) -> tuple[floa
 def split_features(features, rows: list[Example], index, image_size, batch_size) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [N, D] features, int32 [N] labels) of rows' images, decoded as bottlenecks does."""
     labels = np.array([index[e.label] for e in rows], np.int32)
-    batches = [features(tf.constant(images)).numpy() for (images,) in image_batches([e.path for e in rows], image_size, batch_size)]
+    batches = [
+        features(tf.constant(images)).numpy()
+        for (images,) in image_batches([e.path for e in rows], image_size, batch_size)
+    ]
     vectors = np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
     if len(vectors) != len(rows):
-        raise RetrainError(f"{len(rows) - len(vectors)} images could not be decoded now though split accepted "
-                           "them; did they change? rerun `dvc repro`")
+        raise RetrainError(
+            f"{len(rows) - len(vectors)} images could not be decoded now though split accepted "
+            "them; did they change? rerun `dvc repro`"
+        )
     return vectors, labels
 
 
@@ -145,11 +166,18 @@ def write_split_features(backbone, examples: list[Example], out_dir: Path, batch
     for split in ("validation", "test"):
         rows = [e for e in examples if e.split == split]
         vectors, labels = split_features(features, rows, index, backbone.image_size, batch_size)
-        write_features_npz(out_dir / f"{split}.npz", vectors, vectors.shape, labels=labels,
-                           paths=np.array([e.path for e in rows], dtype=str))
+        write_features_npz(
+            out_dir / f"{split}.npz",
+            vectors,
+            vectors.shape,
+            labels=labels,
+            paths=np.array([e.path for e in rows], dtype=str),
+        )
 
 
 def save_backbone(backbone, path: Path) -> None:
     """Save the (fine-tuned) backbone module as a SavedModel, atomically; load it with load_backbone."""
     with atomic_dir(path) as temp:
-        tf.saved_model.save(backbone.module, str(temp), signatures=dict(getattr(backbone.module, "signatures", {})) or None)
+        tf.saved_model.save(
+            backbone.module, str(temp), signatures=dict(getattr(backbone.module, "signatures", {})) or None
+        )

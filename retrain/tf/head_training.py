@@ -32,11 +32,17 @@ def build_head(feature_dim: int, num_classes: int, params: TrainParams) -> keras
     regularizer = keras.regularizers.L2(params.l2) if params.l2 else None
     inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="features")
     x = inputs
-    for i, (_, units, activation) in enumerate(architecture(feature_dim, num_classes, params.hidden_units, params.activation)):
+    for i, (_, units, activation) in enumerate(
+        architecture(feature_dim, num_classes, params.hidden_units, params.activation)
+    ):
         if activation == "softmax":
             x = keras.layers.Dropout(params.dropout, name="dropout")(x)
-        x = keras.layers.Dense(units, activation=activation, kernel_regularizer=regularizer,
-                               name="probabilities" if activation == "softmax" else f"hidden_{i}")(x)
+        x = keras.layers.Dense(
+            units,
+            activation=activation,
+            kernel_regularizer=regularizer,
+            name="probabilities" if activation == "softmax" else f"hidden_{i}",
+        )(x)
     return keras.Model(inputs, x, name="head")
 
 
@@ -55,8 +61,11 @@ def keras_head(head: Head, dropout: float = 0.0) -> keras.Model:
 
 def dense_variables(model: keras.Model) -> list[tuple]:
     """The model's dense layers as (kernel, bias, activation) of tf.Variables: `logits`' layers."""
-    return [(layer.kernel.value, layer.bias.value, layer.activation.__name__)
-            for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    return [
+        (layer.kernel.value, layer.bias.value, layer.activation.__name__)
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
 
 
 def head_logits(model: keras.Model, x, dropout=None):
@@ -107,8 +116,17 @@ class _FusedAdam:
         b1, b2 = tf.constant(self.beta_1), tf.constant(self.beta_2)
         for grad, variable, m, v in zip(grads, variables, self.m, self.v):
             tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(b1, t), beta2_power=tf.pow(b2, t),
-                lr=tf.cast(rate, tf.float32), beta1=b1, beta2=b2, epsilon=tf.constant(self.epsilon), grad=grad)
+                var=variable.handle,
+                m=m.handle,
+                v=v.handle,
+                beta1_power=tf.pow(b1, t),
+                beta2_power=tf.pow(b2, t),
+                lr=tf.cast(rate, tf.float32),
+                beta1=b1,
+                beta2=b2,
+                epsilon=tf.constant(self.epsilon),
+                grad=grad,
+            )
         self.iterations.assign_add(1)
 
 
@@ -135,7 +153,10 @@ def train_head(
     epoch, before early stopping decides.
     """
     set_seed(seed)
-    (x_train, y_train), (x_val, y_val) = _checked(train, "train", num_classes), _checked(validation, "validation", num_classes)
+    (x_train, y_train), (x_val, y_val) = (
+        _checked(train, "train", num_classes),
+        _checked(validation, "validation", num_classes),
+    )
     model = build_head(x_train.shape[1], num_classes, params)
     steps = -(-len(y_train) // params.batch_size)
     loop = _EpochLoop(model, params.epochs * steps, params, num_classes, seed)
@@ -164,8 +185,10 @@ def train_head(
 def _checked(split: tuple[np.ndarray, np.ndarray], name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     features, labels = np.asarray(split[0], np.float32), np.asarray(split[1], np.int32)
     if features.ndim != 2 or labels.shape != (len(features),):
-        raise RetrainError(f"{name} split: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}; "
-                           "rerun the bottlenecks stage")
+        raise RetrainError(
+            f"{name} split: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}; "
+            "rerun the bottlenecks stage"
+        )
     if name == "train" and not len(labels):
         raise RetrainError("train split: no examples; add images or lower data.validation/testing_percentage")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -214,8 +237,11 @@ class _EpochLoop:
         targets = tf.one_hot(labels, self.num_classes)
         smoothing = self.params.label_smoothing
         targets = targets * (1.0 - smoothing) + smoothing / self.num_classes
-        penalty = tf.add_n([self.params.l2 * tf.reduce_sum(tf.square(layer.kernel.value)) for layer in self.layers]
-                           ) if self.params.l2 else tf.constant(0.0)
+        penalty = (
+            tf.add_n([self.params.l2 * tf.reduce_sum(tf.square(layer.kernel.value)) for layer in self.layers])
+            if self.params.l2
+            else tf.constant(0.0)
+        )
         return tf.nn.softmax_cross_entropy_with_logits(targets, logits), penalty
 
     def _train_epoch(self, x, y, w, order, epoch):
@@ -225,7 +251,7 @@ class _EpochLoop:
 
         def step(i, loss_sum, correct):
             start = i * batch
-            xb, yb, wb = x[start:start + batch], y[start:start + batch], w[start:start + batch]
+            xb, yb, wb = x[start : start + batch], y[start : start + batch], w[start : start + batch]
             with tf.GradientTape() as tape:
                 logits = self._logits(xb, True, epoch * tf.cast(steps, tf.int64) + tf.cast(i, tf.int64))
                 per_sample, penalty = self._losses(logits, yb)
@@ -243,7 +269,10 @@ class _EpochLoop:
         logits = self._logits(x, False)
         per_sample, penalty = self._losses(logits, y)
         hits = tf.equal(tf.argmax(logits, 1, output_type=tf.int32), y)
-        return {"val_loss": tf.reduce_mean(per_sample) + penalty, "val_accuracy": tf.reduce_mean(tf.cast(hits, tf.float32))}
+        return {
+            "val_loss": tf.reduce_mean(per_sample) + penalty,
+            "val_accuracy": tf.reduce_mean(tf.cast(hits, tf.float32)),
+        }
 
 
 def _compiled(method):

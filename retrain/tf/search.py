@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrain.errors import RetrainError
-from retrain.tf.head_training import to_head, train_head
 from retrain.params import TrainParams
+from retrain.tf.head_training import to_head, train_head
 
 HIDDEN_UNITS = (0, 256, 512, 1024)
 
@@ -81,8 +81,11 @@ def search_head(
         started = time.perf_counter()
         trial = _run_trial(optuna_trial.number, suggest(optuna_trial), train, validation, num_classes, params, seed)
         trials.append(trial)
-        print(f"search trial {trial.number + 1}/{params.search.trials}: validation loss {trial.value:.4f} after "
-              f"{trial.epochs} epochs ({_describe(trial.params)}) in {time.perf_counter() - started:.1f} s", flush=True)
+        print(
+            f"search trial {trial.number + 1}/{params.search.trials}: validation loss {trial.value:.4f} after "
+            f"{trial.epochs} epochs ({_describe(trial.params)}) in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
         if on_trial is not None:
             on_trial(trial)
         return trial.value
@@ -99,14 +102,17 @@ def _check(validation: tuple[np.ndarray, np.ndarray], params: TrainParams) -> No
     if params.search.trials < 1:
         raise RetrainError("train.search.trials is 0 (the search is off); set it to 1 or more to search")
     if len(validation[1]) == 0:
-        raise RetrainError("train.search: the validation split is empty, and the search scores trials on it; "
-                           "raise data.validation_percentage or set train.search.trials: 0")
+        raise RetrainError(
+            "train.search: the validation split is empty, and the search scores trials on it; "
+            "raise data.validation_percentage or set train.search.trials: 0"
+        )
 
 
 def _run_trial(number, searched, train, validation, num_classes, params, seed) -> Trial:
     model, history = train_head(train, validation, num_classes, params.model_copy(update=searched), seed)
-    return Trial(number=number, params=searched, value=_score(model, validation), epochs=len(history["loss"]),
-                 history=history)
+    return Trial(
+        number=number, params=searched, value=_score(model, validation), epochs=len(history["loss"]), history=history
+    )
 
 
 def _score(model, validation: tuple[np.ndarray, np.ndarray]) -> float:

@@ -15,8 +15,18 @@ from retrain.atomic import atomic_file
 from retrain.cache import backbones_root
 from retrain.head import Head
 from retrain.tflite_metadata import write_metadata
-from retrain.tflite_variants import (BASELINE, EVALUATION_THREADS, METRICS_FILE, VARIANTS, VariantResult, apply_drop_gate,
-                                     evaluate_variants, file_name, flat_metrics, representative_images)
+from retrain.tflite_variants import (
+    BASELINE,
+    EVALUATION_THREADS,
+    METRICS_FILE,
+    VARIANTS,
+    VariantResult,
+    apply_drop_gate,
+    evaluate_variants,
+    file_name,
+    flat_metrics,
+    representative_images,
+)
 
 
 def convert(classifier, variant: str, representative: np.ndarray | None = None) -> bytes:
@@ -54,8 +64,18 @@ def float32_model(classifier) -> bytes:
     falls back to a full conversion.
     """
     head, backbone = classifier._head, classifier._source
-    key = hashlib.sha256(json.dumps([TEMPLATE_VERSION, tf.__version__, backbone.weights_id, list(classifier.image_size),
-                                     [list(k.shape) for k in head.kernels], head.activations]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                TEMPLATE_VERSION,
+                tf.__version__,
+                backbone.weights_id,
+                list(classifier.image_size),
+                [list(k.shape) for k in head.kernels],
+                head.activations,
+            ]
+        ).encode()
+    ).hexdigest()
     path = backbones_root() / "classifiers" / f"{key[:32]}.tflite"
     marker = _marker_head(head, int(key[:8], 16))
     try:
@@ -75,15 +95,20 @@ def float32_model(classifier) -> bytes:
 
 def _marker_head(head: Head, seed: int) -> Head:
     rng = np.random.default_rng(seed)
-    return Head([rng.standard_normal(k.shape).astype(np.float32) * 0.05 for k in head.kernels],
-                [rng.standard_normal(b.shape).astype(np.float32) * 0.05 for b in head.biases], list(head.activations))
+    return Head(
+        [rng.standard_normal(k.shape).astype(np.float32) * 0.05 for k in head.kernels],
+        [rng.standard_normal(b.shape).astype(np.float32) * 0.05 for b in head.biases],
+        list(head.activations),
+    )
 
 
 def _with_head(template: bytes, marker: Head, head: Head) -> bytes | None:
     """template with every marker array's bytes replaced by head's (kernels may be stored
     transposed, as FULLY_CONNECTED keeps them); None when a marker is not found exactly once."""
     model = bytearray(template)
-    pairs = [(m, h) for m, h in zip(marker.kernels, head.kernels)] + [(m, h) for m, h in zip(marker.biases, head.biases)]
+    pairs = [(m, h) for m, h in zip(marker.kernels, head.kernels)] + [
+        (m, h) for m, h in zip(marker.biases, head.biases)
+    ]
     for old, new in pairs:
         for layout in (lambda a: a, lambda a: a.T):
             found = model.find(np.ascontiguousarray(layout(old)).tobytes())
@@ -92,7 +117,7 @@ def _with_head(template: bytes, marker: Head, head: Head) -> bytes | None:
         if found < 0 or model.find(np.ascontiguousarray(layout(old)).tobytes(), found + 1) >= 0:
             return None
         replacement = np.ascontiguousarray(layout(new), dtype="<f4").tobytes()
-        model[found:found + len(replacement)] = replacement
+        model[found : found + len(replacement)] = replacement
     return bytes(model)
 
 
@@ -131,8 +156,9 @@ def _calibration(representative: np.ndarray):
         yield [image[None]]
 
 
-def export_variants(classifier, out_dir: Path, export, seed: int, train_paths: list[str], test_paths: list[str],
-                    test_labels: np.ndarray) -> dict[str, float]:
+def export_variants(
+    classifier, out_dir: Path, export, seed: int, train_paths: list[str], test_paths: list[str], test_labels: np.ndarray
+) -> dict[str, float]:
     """Convert, evaluate and gate the `export.tflite_quantized` variants beside out_dir/model.tflite
     (float32, written by save_classifier); write the accepted ones and out_dir/tflite_metrics.json.
     `export` is params' ExportParams. Returns flat metrics for MLflow: tflite_<variant>_accuracy,
@@ -140,8 +166,11 @@ def export_variants(classifier, out_dir: Path, export, seed: int, train_paths: l
     out_dir = Path(out_dir)
     labels = [label.decode() for label in classifier.label_table.numpy()]
     variants, max_drop = export.tflite_quantized, export.max_quantization_drop
-    calibration = (representative_images(train_paths, export.representative_images, seed, classifier.image_size)
-                   if "int8" in variants else None)
+    calibration = (
+        representative_images(train_paths, export.representative_images, seed, classifier.image_size)
+        if "int8" in variants
+        else None
+    )
     models = {BASELINE: (out_dir / file_name(BASELINE)).read_bytes()}
     models.update({v: write_metadata(convert(classifier, v, calibration), labels) for v in variants if v != BASELINE})
     results = evaluate_variants(models, test_paths, test_labels)
@@ -150,18 +179,30 @@ def export_variants(classifier, out_dir: Path, export, seed: int, train_paths: l
         if variant != BASELINE and result.written:
             with atomic_file(out_dir / result.file) as temp:
                 temp.write_bytes(models[variant])
-        print(result.refused or f"{variant}: test accuracy {result.accuracy:.4f}, {result.size_bytes / 1e6:.2f} MB, "
-              f"{result.latency_ms:.3g} ms per image; {result.file}")
+        print(
+            result.refused
+            or f"{variant}: test accuracy {result.accuracy:.4f}, {result.size_bytes / 1e6:.2f} MB, "
+            f"{result.latency_ms:.3g} ms per image; {result.file}"
+        )
     _write_report(out_dir / METRICS_FILE, results, len(test_paths), max_drop, calibration, seed)
     return flat_metrics(results)
 
 
-def _write_report(path: Path, results: dict[str, "VariantResult"], test_images: int, max_drop: float,
-                  calibration: np.ndarray | None, seed: int) -> None:
-    report = {"test_images": test_images, "threads": EVALUATION_THREADS, "max_quantization_drop": max_drop,
-              "representative_images": 0 if calibration is None else len(calibration), "seed": seed,
-              "variants": {v: asdict(r) for v, r in results.items()}}
+def _write_report(
+    path: Path,
+    results: dict[str, "VariantResult"],
+    test_images: int,
+    max_drop: float,
+    calibration: np.ndarray | None,
+    seed: int,
+) -> None:
+    report = {
+        "test_images": test_images,
+        "threads": EVALUATION_THREADS,
+        "max_quantization_drop": max_drop,
+        "representative_images": 0 if calibration is None else len(calibration),
+        "seed": seed,
+        "variants": {v: asdict(r) for v, r in results.items()},
+    }
     with atomic_file(path) as temp:
         temp.write_text(json.dumps(report, indent=2) + "\n")
-
-
