@@ -120,9 +120,10 @@ def _runs(root: Path) -> dict:
         fit = r.data.tags.get("train.seconds") or r.data.metrics.get("train_seconds")
         if fit is not None:
             fits.append(float(fit))
-        for key, value in r.data.tags.items():  # stages this experiment ran, not the copied ones
-            if key.endswith(".process_seconds") and r.data.tags.get(f"retrain.ran.{key.split('.')[0]}"):
-                stages.setdefault(key.split(".")[0], []).append(float(value))
+        for key, value in r.data.tags.items():  # stages this experiment ran (and the log step), not copied ones
+            stage = key.split(".")[0]
+            if key.endswith(".process_seconds") and (stage == "log" or r.data.tags.get(f"retrain.ran.{stage}")):
+                stages.setdefault(stage, []).append(float(value))
     return {
         "experiments_logged": len(runs),
         "fit_s_median": statistics.median(fits) if fits else None,

@@ -11,7 +11,7 @@ images are never augmented: `views_of` keeps only the train split.
 
 import hashlib
 import json
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,8 +21,7 @@ from retrain.features import (
     FeatureCache,
     cached_vector,
     class_names,
-    fill_cache,
-    image_batches,
+    fill_missing,
     write_features_npz,
 )
 from retrain.params import AugmentParams
@@ -50,25 +49,39 @@ def views_of(examples: list[Example], params: AugmentParams, seed: int) -> list[
     return [(e, i, f"{e.sha256}-{digest}-{i}") for e in examples if e.split == "train" for i in range(params.copies)]
 
 
-def compute_views(examples, backbone, cache: FeatureCache, params: AugmentParams, seed: int, batch_size: int) -> dict:
-    """Fill the cache with the features of every training view it lacks; return counts.
+@dataclass(frozen=True)
+class Augmentation:
+    """The views' transform for `image_batches`: (uint8 [H, W, 3] image, int32 [2] seed) → uint8 image.
+
+    A plain value (the Ray engine sends it to its actors) that reaches TensorFlow's random ops
+    (`retrain.tf.augment`) only when a view is computed: a run with every view cached loads no
+    TensorFlow.
+    """
+
+    params: AugmentParams
+
+    def __call__(self, image: np.ndarray, seed) -> np.ndarray:
+        from retrain.tf.augment import augmenter
+
+        return augmenter(self.params)(image, seed)
+
+
+def compute_views(
+    examples, backbone, cache: FeatureCache, params: AugmentParams, seed: int, batch_size: int, engine=None
+) -> dict:
+    """Fill the cache with the features of every training view it lacks, on `engine` (see
+    `features.fill_missing`); return counts.
 
     Each key is computed once, however many rows share an image's content.
     """
-    views, missing = views_of(examples, params, seed), {}
-    for example, view, key in views:
-        if key not in missing and not cache.has(key):
-            missing[key] = (example.path, view_seed(seed, example.sha256, view))
-    stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing), "augmented_computed": 0}
-    started = time.perf_counter()
-    if missing:
-        from retrain.tf.augment import augmenter  # TensorFlow's random ops: only when views are missing
-
-        paths, seeds = zip(*missing.values())
-        dataset = image_batches(paths, backbone.image_size, batch_size, augmenter(params), seeds, extra=[list(missing)])
-        stats["augmented_computed"] = fill_cache(dataset, backbone, cache, len(missing), "augmented views")
-    stats["augmented_seconds"] = round(time.perf_counter() - started, 3)
-    return stats
+    entries = ((key, e.path, view_seed(seed, e.sha256, view)) for e, view, key in views_of(examples, params, seed))
+    run = fill_missing(entries, backbone, cache, batch_size, Augmentation(params), engine, "augmented views")
+    return {
+        "augmented_views": run["entries"],
+        "augmented_cache_hits": run["cache_hits"],
+        "augmented_computed": run["computed"],
+        "augmented_seconds": run["seconds"],
+    }
 
 
 def write_views_array(examples, cache: FeatureCache, params: AugmentParams, seed: int, out_path) -> int:

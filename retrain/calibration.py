@@ -38,11 +38,9 @@ def logits_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 def log_loss(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean cross-entropy of softmax(logits / temperature) against integer labels [N]."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    shifted = scaled - scaled.max(axis=1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probabilities[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)].mean())
+    """Mean cross-entropy of softmax(logits / temperature) against integer labels [N]: at T = 1, the
+    validation loss the search scores and fine-tuning logs (`evaluation.cross_entropy`)."""
+    return evaluation.cross_entropy(labels, logits=np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

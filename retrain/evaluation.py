@@ -15,7 +15,7 @@ import numpy as np
 from retrain.errors import RetrainError
 
 CALIBRATION_BINS = 15  # Guo et al. 2017, "On Calibration of Modern Neural Networks"
-LOSS_EPSILON = 1e-7  # Keras' clip: a confident wrong answer costs 16.1, not infinity
+LOSS_EPSILON = 1e-7  # Keras' clip of probabilities: a confident wrong answer costs 16.1, not infinity
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^\w./\- :]")  # MLflow's rule for metric names
 
 
@@ -59,6 +59,27 @@ def precision_recall_f1(confusion):
     # 2TP / (2TP + FP + FN), as sklearn does: defined even when precision + recall is 0.
     f1 = _safe_divide(2 * true_positives, predicted + support)
     return precision, recall, f1, support.astype(np.int64)
+
+
+def cross_entropy(y_true, *, logits=None, probabilities=None) -> float:
+    """Mean cross-entropy in nats, -log p(true class), of a softmax head: every loss that judges a head.
+
+    Plain: no label smoothing, no L2 penalty, no class weights (training's loss adds them; see
+    docs/tracking.md). y_true: int [N], N > 0. Give one of: logits float [N, C], through a stable
+    log-softmax in float64, exact for any finite logits; or probabilities float [N, C] (a model that
+    gives only those), each floored at LOSS_EPSILON, so one image costs at most 16.1. The two agree
+    wherever p(true class) >= LOSS_EPSILON. Non-finite logits (a diverged head) give nan or inf.
+    """
+    if (logits is None) == (probabilities is None):
+        raise TypeError("cross_entropy takes logits or probabilities, one of them")
+    rows = (np.arange(len(y_true)), np.asarray(y_true, dtype=np.int64))
+    if probabilities is not None:
+        return float(-np.mean(np.log(np.clip(np.asarray(probabilities)[rows], LOSS_EPSILON, 1.0))))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: a diverged head, reported as nan
+        shifted = np.asarray(logits, dtype=np.float64)
+        shifted = shifted - shifted.max(axis=1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probabilities[rows].mean())
 
 
 def top_k_hits(y_true, probabilities, k):
@@ -112,12 +133,12 @@ def evaluate_predictions(y_true, probabilities, labels, top_k):
     `dvc metrics show` flattens the nesting to columns like `per_class.daisy.f1`; use
     `flatten_metrics` for stores that want flat names (MLflow). Macro averages weigh every
     class in `labels` equally, including any absent from the test split (sklearn's
-    `labels=range(C)`). `loss` is plain cross-entropy, without training's label smoothing.
+    `labels=range(C)`). `loss` is `cross_entropy` of the probabilities: plain, without training's
+    label smoothing or L2 penalty.
     """
     y_true, probabilities = _check_inputs(y_true, probabilities, labels, top_k)
     y_pred = probabilities.argmax(axis=1)
     precision, recall, f1, support = precision_recall_f1(confusion_matrix(y_true, y_pred, len(labels)))
-    p_true = probabilities[np.arange(len(y_true)), y_true]
     metrics = {
         "num_test_images": int(len(y_true)),
         "accuracy": float(np.mean(y_pred == y_true)),
@@ -125,7 +146,7 @@ def evaluate_predictions(y_true, probabilities, labels, top_k):
     for k in sorted(set(top_k)):
         metrics[f"top_{k}_accuracy"] = float(np.mean(top_k_hits(y_true, probabilities, k)))
     metrics.update(
-        loss=float(-np.mean(np.log(np.clip(p_true, LOSS_EPSILON, 1.0)))),
+        loss=cross_entropy(y_true, probabilities=probabilities),
         macro_precision=float(precision.mean()),
         macro_recall=float(recall.mean()),
         macro_f1=float(f1.mean()),

@@ -2,11 +2,13 @@
 
 `FeatureCache` stores one float32 vector per (backbone id, preprocessing version, image sha256)
 as a small .npy file, written to a temporary name and renamed, so a killed run never leaves a
-half-written entry and a damaged one is detected and recomputed. `compute_features` runs only the
-images the cache lacks through `image_batches`, the one image pipeline (read, decode, optional
-augmentation and resize on a thread per core, `retrain.images`' decoder), then the backbone on
-its runtime (XNNPACK where it converts), with cache writes on a background thread. No TensorFlow. `write_split_arrays` then gathers the
-per-split arrays the train and evaluate stages read, streamed row by row from the cache to disk.
+half-written entry and a damaged one is detected and recomputed. `fill_missing` finds the entries
+the cache lacks, counts them, and hands just those to an engine: `compute_locally` here (or
+`retrain.ray_engine`'s), which runs them through `image_batches`, the one image pipeline (read,
+decode, optional augmentation and resize on a thread per core, `retrain.images`' decoder), then
+the backbone on its runtime (XNNPACK where it converts), with cache writes on a background
+thread. No TensorFlow. `write_split_arrays` then gathers the per-split arrays the train and
+evaluate stages read, streamed row by row from the cache to disk.
 """
 
 import csv
@@ -85,8 +87,8 @@ class FeatureCache:
     """
 
     def __init__(self, root: Path, backbone_id: str, feature_dim: int):
-        self.folder = Path(root) / backbone_id / f"p{PREPROCESSING_VERSION}-e{ENTRY_VERSION}"
-        self.feature_dim = feature_dim
+        self.root, self.backbone_id, self.feature_dim = Path(root), backbone_id, feature_dim
+        self.folder = self.root / backbone_id / f"p{PREPROCESSING_VERSION}-e{ENTRY_VERSION}"
         # Every entry is the same .npy header followed by D float32s and a digest: writing and
         # checking those bytes directly is several times cheaper than np.save/np.load.
         buffer = io.BytesIO()
@@ -95,6 +97,11 @@ class FeatureCache:
         self._size = len(self._header) + 4 * feature_dim + 32
         self._mode = 0o666 & ~_umask()
         self._made_dirs = set()
+
+    def __reduce__(self):
+        """Pickled as its arguments (the Ray engine sends the cache to its actors): each process
+        rebuilds it with its own umask and folder memo."""
+        return FeatureCache, (self.root, self.backbone_id, self.feature_dim)
 
     def path(self, sha256: str) -> Path:
         return self.folder / sha256[:2] / f"{sha256}.npy"
@@ -157,15 +164,16 @@ DECODE_THREADS = os.cpu_count() or 1
 PREFETCH_BATCHES = 2
 
 
-def image_batches(paths, image_size, batch_size: int, transform=None, seeds=None, extra=()):
+def image_batches(paths, image_size, batch_size: int, transform=None, seeds=None, extra=(), threads=None):
     """The one image pipeline: yields (float32 [B, H, W, 3] images in [0, 1], *extra columns' values).
 
     Every image → model path (bottlenecks, augmented views, fine-tuning, its validation, Ray
     actors) runs here, so a speed fix lands everywhere at once. Order is kept. transform: None, or
     a function (uint8 [H, W, 3] image, int32 [2] seed) → uint8 image applied before the resize
     (augmentation), given seeds[i] for image i. extra: more per-image columns passed through
-    (cache keys, labels), as numpy arrays per batch. A file that changed since split must not stop
-    the whole run: it is skipped, so its row simply never arrives.
+    (cache keys, labels), as numpy arrays per batch. threads: decoding threads (None:
+    `DECODE_THREADS`). A file that changed since split must not stop the whole run: it is
+    skipped, so its row simply never arrives.
     """
     paths = [str(p) for p in paths]
     seeds = np.zeros((len(paths), 2), np.int32) if seeds is None else np.asarray(seeds, np.int32).reshape(-1, 2)
@@ -182,7 +190,7 @@ def image_batches(paths, image_size, batch_size: int, transform=None, seeds=None
         except (ImageError, OSError):
             return None
 
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+    with ThreadPoolExecutor(threads or DECODE_THREADS) as pool:
         upcoming, pending, rows, images = iter(range(len(paths))), deque(), [], []
         for i in upcoming:
             pending.append((i, pool.submit(load, i)))
@@ -203,24 +211,60 @@ def image_batches(paths, image_size, batch_size: int, transform=None, seeds=None
             yield (np.stack(images), *(column[rows] for column in columns))
 
 
-def compute_features(examples: list[Example], backbone, cache: FeatureCache, batch_size: int) -> dict:
-    """Fill the cache for every example it lacks; return counts and images/s.
+def compute_features(examples: list[Example], backbone, cache: FeatureCache, batch_size: int, engine=None) -> dict:
+    """Fill the cache for every example it lacks, on `engine` (see `fill_missing`); return counts and images/s.
 
     Each distinct image content is computed once, however many rows share it.
     """
+    entries = ((e.sha256, e.path, (0, 0)) for e in examples)
+    run = fill_missing(entries, backbone, cache, batch_size, None, engine, "bottlenecks")
+    return {"images": run.pop("entries"), **run}
+
+
+def missing_entries(cache: FeatureCache, entries) -> dict[str, tuple[str, tuple[int, int]]]:
+    """cache key → (image path, view seed) of the entries the cache lacks, each key once, in order.
+
+    entries: (cache key, image path, view seed) per row; rows sharing a key are one entry.
+    """
     missing = {}
-    for example in examples:
-        if example.sha256 not in missing and not cache.has(example.sha256):
-            missing[example.sha256] = example.path
-    stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
+    for key, path, seed in entries:
+        if key not in missing and not cache.has(key):
+            missing[key] = (path, seed)
+    return missing
+
+
+def fill_missing(entries, backbone, cache: FeatureCache, batch_size: int, transform=None, engine=None, desc="") -> dict:
+    """Have `engine` compute the entries (see `missing_entries`) the cache lacks; counts and timing.
+
+    An engine is called `engine(missing, backbone, cache, batch_size, transform, desc)` with only
+    the missing entries, writes their vectors into `cache`, and returns {"computed": vectors
+    written, ...its own stats}; None is `compute_locally`. Returns {"entries", "cache_hits",
+    "computed", "seconds", "images_per_second", ...the engine's stats}.
+    """
+    entries = list(entries)
+    missing = missing_entries(cache, entries)
     started = time.perf_counter()
-    if missing:
-        dataset = image_batches(list(missing.values()), backbone.image_size, batch_size, extra=[list(missing)])
-        stats["computed"] = fill_cache(dataset, backbone, cache, len(missing), "bottlenecks")
+    run = (engine or compute_locally)(missing, backbone, cache, batch_size, transform, desc) if missing else {}
     seconds = time.perf_counter() - started
-    stats["seconds"] = round(seconds, 3)
-    stats["images_per_second"] = round(stats["computed"] / seconds, 2) if stats["computed"] else 0.0
-    return stats
+    computed = run.pop("computed", 0)
+    return {
+        "entries": len(entries),
+        "cache_hits": len(entries) - len(missing),
+        "computed": computed,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(computed / seconds, 2) if computed else 0.0,
+        **run,
+    }
+
+
+def compute_locally(
+    missing: dict, backbone, cache: FeatureCache, batch_size: int, transform, desc: str, threads=None
+) -> dict:
+    """The local engine: the missing images (key → (path, view seed)) through `image_batches`, on
+    `threads` decoding threads (None: one per core), into `fill_cache`. Ray's actors run it too."""
+    paths, seeds = zip(*missing.values())
+    batches = image_batches(paths, backbone.image_size, batch_size, transform, seeds, [list(missing)], threads)
+    return {"computed": fill_cache(batches, backbone, cache, len(missing), desc)}
 
 
 def fill_cache(batches, backbone, cache: FeatureCache, total: int, desc: str) -> int:

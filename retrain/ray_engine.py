@@ -1,15 +1,17 @@
-"""The bottlenecks stage on a Ray cluster: Ray Data over the rows the feature cache lacks.
+"""The bottlenecks stage on a Ray cluster: Ray Data over the entries the feature cache lacks.
 
-`bottlenecks.engine: ray` swaps the local engine's two compute steps (`features.compute_features`,
-`augment.compute_views`) for ones with the same signature and stats that run on Ray: the rows of
-split.csv whose cache entry is missing become a Ray dataset of (cache key, image path, view seed);
-`map_batches` sends them to a pool of actors, each of which loads the backbone once, decodes with
-the project's one image pipeline (`features.image_batches`, with `augment.augmenter` for views) and writes every
-vector into the same content-addressed `FeatureCache` (atomic entries), so a cache filled by
-either engine serves the other. The driver only counts what comes back (a tqdm bar with images/s
-beside Ray Data's own progress) and then writes the split arrays exactly as the local engine does.
-Workers must see the images and the cache root at the same paths as the driver: a shared
-filesystem on a real cluster (see docs/scale.md). Ray is imported only when this engine runs.
+`bottlenecks.engine: ray` hands `compute_on_ray` to `features.compute_features` and
+`augment.compute_views` as their engine: they find the missing entries and count, as for the
+local engine; this engine gets only the missing ones (cache key → image path, view seed), the
+transform (None, or `augment.Augmentation` for views) and the cache, and returns how many it
+computed. The entries become a Ray dataset; `map_batches` sends them to a pool of actors, each of
+which opens the backbone once and runs the local engine (`features.compute_locally`: the one
+image pipeline into the same content-addressed `FeatureCache`, atomic entries) on its rows, so a
+cache filled by either engine serves the other. The cache travels as its root (passed, never
+read back from its layout) and the thread counts as numbers in the `Job`. The driver only counts
+what comes back (a tqdm bar with images/s beside Ray Data's own progress). Workers must see the
+images and the cache root at the same paths as the driver: a shared filesystem on a real cluster
+(see docs/scale.md). Ray is imported only when this engine runs.
 """
 
 import functools
@@ -17,12 +19,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from retrain.errors import RetrainError
+from retrain.features import FeatureCache
 
 # A locally started Ray keeps its object store small: only paths, keys and counts travel through
 # it (images are read and decoded inside the actors), and the machine is shared with TensorFlow.
@@ -42,101 +46,78 @@ ACTOR_START_TIMEOUT_S = 600  # an actor opens the backbone's .tflite (no TensorF
 
 @dataclass(frozen=True)
 class Job:
-    """What every actor needs to rebuild the driver's backbone, cache and augmentation."""
+    """What every actor needs to rebuild the driver's backbone and to compute its rows."""
 
     backbone: str
     image_size: tuple[int, int]
     backbone_id: str
-    cache_root: str
-    augment: dict | None  # AugmentParams as a dict for views; None for the photos as they are
-    runtime: str = "tensorflow"  # the driver's backbone.runtime: its features, its cache id
+    runtime: str  # the driver's backbone.runtime: its features, its cache id
+    weights_id: str  # backbone.weights_id: names its checked .tflite in the shared cache
+    cache: FeatureCache  # pickled as (root, backbone id, feature dim): the driver's cache
+    transform: Callable | None  # features.image_batches' transform: augment.Augmentation for views
     threads: int | None = None  # inference threads per actor; None: the CPUs Ray gave the actor
-    weights_id: str = ""  # backbone.weights_id: names its checked .tflite in the shared cache
-    feature_dim: int = 0
     decode_threads: int | None = None  # decoding threads per actor; None: the local engine's default
 
 
 def feature_engine(params):
-    """(compute_features, compute_views) of the engine `params.engine` names (BottlenecksParams).
+    """(compute_features, compute_views) on the engine `params.engine` names (BottlenecksParams).
 
-    Both have the local engine's signatures and return the same stats keys, so the stage calls
-    them the same way whichever engine runs.
+    The local engine's functions, given Ray's engine where it is chosen: the same signatures and
+    stats keys, so the stage calls them the same way whichever engine runs.
     """
-    if params.engine == "local":
-        from retrain import augment, features
+    from retrain import augment, features
 
+    if params.engine == "local":
         return features.compute_features, augment.compute_views
+    engine = functools.partial(compute_on_ray, address=params.ray_address, actors=params.ray_actors)
     return (
-        functools.partial(compute_features, address=params.ray_address, actors=params.ray_actors),
-        functools.partial(compute_views, address=params.ray_address, actors=params.ray_actors),
+        functools.partial(features.compute_features, engine=engine),
+        functools.partial(augment.compute_views, engine=engine),
     )
 
 
-def compute_features(examples, backbone, cache, batch_size: int, *, address=None, actors=None) -> dict:
-    """Ray's `features.compute_features`: fill the cache for every example it lacks; return counts."""
-    missing = {}
-    for example in examples:
-        if example.sha256 not in missing and not cache.has(example.sha256):
-            missing[example.sha256] = (example.path, (0, 0))
-    stats = {"images": len(examples), "cache_hits": len(examples) - len(missing), "computed": 0}
-    stats.update(_run(missing, backbone, cache, batch_size, None, address, actors, "bottlenecks"))
-    return stats
-
-
-def compute_views(examples, backbone, cache, params, seed: int, batch_size: int, *, address=None, actors=None) -> dict:
-    """Ray's `augment.compute_views`: fill the cache with every training view it lacks; return counts."""
-    from retrain.augment import view_seed, views_of
-
-    views, missing = views_of(examples, params, seed), {}
-    for example, view, key in views:
-        if key not in missing and not cache.has(key):
-            missing[key] = (example.path, view_seed(seed, example.sha256, view))
-    stats = {"augmented_views": len(views), "augmented_cache_hits": len(views) - len(missing)}
-    run = _run(missing, backbone, cache, batch_size, params.model_dump(), address, actors, "augmented views")
-    stats.update({"augmented_computed": run["computed"], "augmented_seconds": run["seconds"]})
-    return stats
-
-
-def _run(missing: dict, backbone, cache, batch_size, augment, address, actors, desc) -> dict:
-    """Compute `missing` (cache key → (path, view seed)) on Ray; counts, seconds and images/s."""
-    started = time.perf_counter()
-    computed, run = 0, {}
-    if missing:
-        run = connect(address)
-        # FeatureCache keeps root/<backbone id>/p<version>: the actors rebuild it from the root.
-        job = Job(
-            backbone=backbone.name,
-            image_size=backbone.image_size,
-            backbone_id=backbone.id,
-            cache_root=str(cache.folder.parents[1]),
-            augment=augment,
-            runtime=backbone.runtime,
-            threads=ACTOR_THREADS,
-            decode_threads=ACTOR_DECODE_THREADS,
-            weights_id=backbone.weights_id,
-            feature_dim=backbone.feature_dim,
-        )
-        mapped = time.perf_counter()
-        computed, nodes, busy, tensorflow = _map(
-            missing, job, batch_size, actors or max(1, run["ray_cpus"] // CPUS_PER_ACTOR), desc
-        )
-        # Where a job's time goes: the map (pool start, calls, the driver's iteration) and the
-        # seconds actors spent inside calls (busy ÷ (map × actors) says how well the pool is fed).
-        # And whether the actors loaded TensorFlow: photos need none (views do: TF's random ops).
-        run.update(
-            {
-                "ray_nodes_used": nodes,
-                "ray_map_seconds": round(time.perf_counter() - mapped, 3),
-                "ray_actor_busy_seconds": round(busy, 3),
-                "ray_actors_imported_tensorflow": tensorflow,
-            }
-        )
-    seconds = time.perf_counter() - started
+def compute_on_ray(
+    missing: dict,
+    backbone,
+    cache: FeatureCache,
+    batch_size: int,
+    transform,
+    desc: str,
+    *,
+    address=None,
+    actors=None,
+    threads=ACTOR_THREADS,
+    decode_threads=ACTOR_DECODE_THREADS,
+) -> dict:
+    """The Ray engine (see `features.fill_missing`): compute `missing` (cache key → (path, view
+    seed)) on a pool of `actors` (None: one per CPU), each on `threads` inference and
+    `decode_threads` decoding threads; how many were computed, and where the time went."""
+    run = connect(address)
+    job = Job(
+        backbone=backbone.name,
+        image_size=backbone.image_size,
+        backbone_id=backbone.id,
+        runtime=backbone.runtime,
+        weights_id=backbone.weights_id,
+        cache=cache,
+        transform=transform,
+        threads=threads,
+        decode_threads=decode_threads,
+    )
+    mapped = time.perf_counter()
+    computed, nodes, busy, tensorflow = _map(
+        missing, job, batch_size, actors or max(1, run["ray_cpus"] // CPUS_PER_ACTOR), desc
+    )
+    # Where a job's time goes: the map (pool start, calls, the driver's iteration) and the
+    # seconds actors spent inside calls (busy ÷ (map × actors) says how well the pool is fed).
+    # And whether the actors loaded TensorFlow: photos need none (views do: TF's random ops).
     return {
         "computed": computed,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(computed / seconds, 2) if computed else 0.0,
         **run,
+        "ray_nodes_used": nodes,
+        "ray_map_seconds": round(time.perf_counter() - mapped, 3),
+        "ray_actor_busy_seconds": round(busy, 3),
+        "ray_actors_imported_tensorflow": tensorflow,
     }
 
 
@@ -249,26 +230,21 @@ def _blocks(missing: dict, per_call: int):
 
 
 class _Embedder:
-    """A Ray actor: the backbone's model opened once; each call runs the local engine's pipeline over its rows.
+    """A Ray actor: the backbone's model opened once; each call runs the local engine over its rows.
 
-    That is `features.image_batches` (threaded decode with the one decoder, augmentation for views)
-    into `features.fill_cache` (the backbone on its runtime, cache writes on a background thread):
-    the same code as `engine: local`, so the same vectors. Only the threads differ: an actor runs
-    XNNPACK on as many threads as CPUs Ray gave it (passed to the interpreter, not read from the
-    environment), where the local engine takes every core of the machine.
+    That is `features.compute_locally` (threaded decode with the one decoder, augmentation for
+    views, the backbone on its runtime, cache writes on a background thread): the same code as
+    `engine: local`, so the same vectors. Only the threads differ: an actor runs XNNPACK on as
+    many threads as CPUs Ray gave it, where the local engine takes every core of the machine.
     """
 
     def __init__(self, job: Job, batch_size: int):
         import ray
 
-        from retrain import features
         from retrain.backbones import xnnpack
-        from retrain.features import FeatureCache
 
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         node = ray.get_runtime_context().get_node_id()
-        if job.decode_threads:
-            features.DECODE_THREADS = job.decode_threads  # this actor's process only
         if job.runtime == "xnnpack":
             # Only what it runs: the driver's checked .tflite (named by the weights' hash, so these are
             # the driver's weights) on `threads` XNNPACK threads, from the shared cache root. Nothing
@@ -279,7 +255,7 @@ class _Embedder:
                     f"node {node[:12]} cannot read the converted backbone {path}; the cache root "
                     "must be the same shared path on every node (docs/scale.md)"
                 )
-            self.model = _OnXnnpack(xnnpack.Extractor(path, threads=job.threads or cpus))
+            self.model = _OnXnnpack(xnnpack.Extractor(path, threads=job.threads or cpus), job.image_size)
         else:  # a backbone that did not convert runs its SavedModel in TensorFlow, loaded and checked here
             from retrain.backbones import load_backbone
 
@@ -289,22 +265,19 @@ class _Embedder:
                     f"backbone {job.backbone!r} loads as {self.model.id[:12]} on node {node[:12]}, "
                     f"not the driver's {job.backbone_id[:12]}; give every node the same weights"
                 )
-        self.cache = FeatureCache(Path(job.cache_root), job.backbone_id, job.feature_dim)
-        self.transform = _transform(job.augment)
-        self.image_size, self.batch_size, self.node = job.image_size, batch_size, node
+        self.job, self.batch_size, self.node = job, batch_size, node
 
     def __call__(self, batch: dict) -> dict:
-        from retrain.features import fill_cache, image_batches
+        from retrain.features import compute_locally
 
         started = time.perf_counter()
-        keys = [str(key) for key in batch["key"]]
-        seeds = np.stack([batch["seed0"], batch["seed1"]], axis=1)
-        images = image_batches(
-            [str(p) for p in batch["path"]], self.image_size, self.batch_size, self.transform, seeds, extra=[keys]
+        seeds = zip(batch["seed0"].tolist(), batch["seed1"].tolist())
+        missing = {str(key): (str(path), seed) for key, path, seed in zip(batch["key"], batch["path"], seeds)}
+        run = compute_locally(
+            missing, self.model, self.job.cache, self.batch_size, self.job.transform, "", self.job.decode_threads
         )
-        computed = fill_cache(images, self.model, self.cache, len(keys), "")
         return {
-            "computed": np.array([computed]),
+            "computed": np.array([run["computed"]]),
             "node": np.array([self.node]),
             "busy": np.array([time.perf_counter() - started]),
             "tensorflow": np.array(["tensorflow" in sys.modules]),
@@ -312,20 +285,11 @@ class _Embedder:
 
 
 class _OnXnnpack:
-    """What `fill_cache` calls (`extract`), on an XNNPACK extractor with the actor's thread count."""
+    """What `compute_locally` uses of a backbone (`extract`, `image_size`), on an XNNPACK extractor
+    with the actor's thread count."""
 
-    def __init__(self, extractor):
-        self.extract = extractor.features
-
-
-def _transform(augment: dict | None):
-    """`augment.augmenter` for views (params given as a dict), None for the photos as they are."""
-    if augment is None:
-        return None
-    from retrain.params import AugmentParams
-    from retrain.tf.augment import augmenter  # TensorFlow's random ops: views only
-
-    return augmenter(AugmentParams(**augment))
+    def __init__(self, extractor, image_size):
+        self.extract, self.image_size = extractor.features, tuple(image_size)
 
 
 def _first_line(error) -> str:

@@ -1,9 +1,9 @@
-"""TensorBoard event files for one run under <workspace>/logs/<run name>/: curves, weights, errors.
+"""TensorBoard event files of one stage: learning curves, weights, misclassified test images.
 
-They go to the workspace root (`tracking.logs_dir`), not the stage's working copy, so the files of
-queued and temporary experiments survive beside the workspace's own runs for
-`tensorboard --logdir logs`. Written with TensorBoard's own record writer and protos: no
-TensorFlow, so evaluate stays light.
+Train and evaluate write them into their own outputs (data/train/tensorboard/,
+data/evaluate/tensorboard/); the log stage copies them to <workspace>/logs/<run name>/ for
+`tensorboard --logdir logs` (queued experiments' copies included) and uploads them to the run.
+Written with TensorBoard's own record writer and protos: no TensorFlow, so evaluate stays light.
 """
 
 import io
@@ -17,7 +17,6 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from retrain.images import ImageError, decode_image
-from retrain.tracking import logs_dir
 
 
 class _EventFile:
@@ -57,8 +56,8 @@ def _histogram(array: np.ndarray, bins: int = 30) -> summary_pb2.HistogramProto:
 class TensorBoard:
     """The event files of one run: learning curves, weight histograms, misclassified test images."""
 
-    def __init__(self, run_name: str):
-        self.folder = logs_dir() / run_name
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
 
     def write_history(self, history: dict[str, list[float]], weights: dict[int, list] | None = None) -> None:
         """history: key → per-epoch values (loss, accuracy, val_*); weights: epoch → [(name, array)]."""

@@ -90,15 +90,34 @@ class VariantResult:
     drop_points: float = 0.0  # float32's test accuracy minus this one's, in percentage points
     written: bool = True
     refused: str | None = None
+    max_abs_difference: float | None = None  # float32: largest probability difference from evaluate's
+
+
+REPRODUCE_TOLERANCE = 1e-3  # an exported model's probabilities against evaluate's, any image, any class
+
+
+def reproduction_error(got: np.ndarray, expected: np.ndarray, what: str) -> float:
+    """The largest probability difference of an exported model from evaluate's; RetrainError past the tolerance."""
+    if got.shape != expected.shape:
+        raise RetrainError(f"{what} gives shape {got.shape}, evaluate had {expected.shape}; rerun dvc repro")
+    worst = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    if worst > REPRODUCE_TOLERANCE:
+        raise RetrainError(
+            f"{what} differs from evaluate's test predictions by {worst:.2e} (> {REPRODUCE_TOLERANCE}); "
+            "a preprocessing mismatch: please report it"
+        )
+    return worst
 
 
 def evaluate_variants(
-    models: dict[str, bytes], test_paths: list[str], test_labels: np.ndarray
+    models: dict[str, bytes], test_paths: list[str], test_labels: np.ndarray, expected: np.ndarray | None = None
 ) -> dict[str, VariantResult]:
     """Run every variant on each test image (decoded once): accuracy, size and median latency.
 
     Accuracy on every test image with an interpreter per core; latency, as a phone app runs the
     model (one thread, one image per invoke), as the median over the first `LATENCY_IMAGES`.
+    With `expected` (evaluate's probabilities [N,C]), float32 must reproduce them on every image:
+    it is the model `retrain predict` and the served MLflow model run.
     """
     if not test_paths:
         raise RetrainError("no test images to evaluate the TFLite variants on; raise data.testing_percentage")
@@ -107,20 +126,27 @@ def evaluate_variants(
     size = next(iter(runners.values())).image_size
     correct = {v: 0 for v in runners}
     seconds = {v: [] for v in runners}
+    baseline = []
     for i, (path, label) in enumerate(zip(test_paths, test_labels)):
         image = load_image(Path(path).read_bytes(), size)
         for variant, runner in runners.items():
-            correct[variant] += int(np.argmax(runner.probabilities_of_image(image)) == label)
+            probabilities = runner.probabilities_of_image(image)
+            correct[variant] += int(np.argmax(probabilities) == label)
+            if variant == BASELINE:
+                baseline.append(probabilities)
             if i < LATENCY_IMAGES:
                 start = time.perf_counter()
                 phone[variant].probabilities_of_image(image)
                 seconds[variant].append(time.perf_counter() - start)
-    return {
+    results = {
         v: VariantResult(
             file_name(v), correct[v] / len(test_paths), runners[v].size_bytes, 1000 * float(np.median(seconds[v]))
         )
         for v in runners
     }
+    if expected is not None and BASELINE in results:
+        results[BASELINE].max_abs_difference = reproduction_error(np.stack(baseline), expected, file_name(BASELINE))
+    return results
 
 
 def apply_drop_gate(results: dict[str, VariantResult], max_drop: float) -> None:

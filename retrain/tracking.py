@@ -1,22 +1,9 @@
-"""MLflow tracking: exactly one run per pipeline execution, whichever stages it runs.
-
-An *execution* is one `dvc repro` / `dvc exp run` process (queued and `--temp` experiments each
-run in a `dvc exp exec-run` process of their own). Every stage, once its work is done, calls
-`stage_run(stage, params)`: it finds the run tagged with this execution's key (the host, pid and
-start time of the nearest `dvc` process above the stage), or creates it, named after
-`$DVC_EXP_NAME` when set, with all params, source tags and the dataset inputs. The stage logs its
-metrics there, and writes `data/runs/<stage>.json`, a DVC output recording the run that produced
-the stage's outputs and what it logged. A stage that DVC skips leaves its provenance file as it
-was, so a later execution's run records `retrain.reused.<stage>` = the producing run's id and
-copies that run's metrics and tags for the stage: every run compares completely against the
-others, and no execution ever writes into an earlier run. An execution that runs nothing makes
-no run.
+"""Where MLflow runs live: the store, the experiment, source tags, dataset inputs, finding and promoting runs.
 
 The store defaults to `sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts`;
 `MLFLOW_TRACKING_URI` selects a server instead. The repo root is `$DVC_ROOT`, so temporary
 experiment copies log to the workspace's store, and TensorBoard files go to `<repo root>/logs`.
-MLflow is imported when a stage logs, after its work: a stage starts without it (`import mlflow`
-costs 1.5-2 s even so, the next thing to cut: one logging step for the whole execution).
+Only the log stage (`retrain.run_log`) and `retrain promote` import MLflow; the stages write records.
 """
 
 import contextlib
@@ -28,25 +15,23 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrain import paths
 from retrain.errors import RetrainError
 from retrain.urls import redact_text, redact_url
 
-# DVC runs them in this order (dvc.yaml's DAG, topologically sorted).
-STAGES = ("download", "split", "bottlenecks", "data_report", "train", "finetune", "evaluate", "export")
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI's model-training view (not GenAI)
 
-# A dead tracking server must fail a stage within seconds, not after MLflow's default 7 retries
-# with exponential backoff (minutes). A user's own settings win.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a stage log is a file, not a terminal
+# A dead tracking server must fail the log stage within seconds, not after MLflow's default 7
+# retries with exponential backoff (minutes). A user's own settings win. Set before the first request.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a stage log is a file, not a terminal
+}
 
 
 def project_root() -> Path:
@@ -117,6 +102,8 @@ def use_experiment(name: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(tracking_uri())
     if shown_uri() != tracking_uri():  # MLflow prints "View run at <the URI as given>" into the stage log
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -136,29 +123,6 @@ def use_experiment(name: str) -> str:
             except MlflowException:
                 continue  # on a server, another worker created it between our look and our create
     raise RetrainError(f"MLflow experiment '{name}' could not be created in {shown_uri()}")
-
-
-def execution_key() -> str:
-    """Who this pipeline execution is: the nearest `dvc` process above us (host:pid:start time).
-
-    Every stage of one `dvc repro` or `dvc exp run` is a child of the same dvc process, and each
-    queued experiment has its own `dvc exp exec-run`. A stage run by hand is its own execution;
-    `$RETRAIN_EXECUTION` names one explicitly.
-    """
-    import psutil
-
-    if os.environ.get("RETRAIN_EXECUTION"):  # a scheduler running stages without dvc names its execution
-        return os.environ["RETRAIN_EXECUTION"]
-    me = psutil.Process()
-    for process in me.parents():
-        try:
-            command = process.cmdline()
-        except psutil.Error:
-            continue
-        if any(Path(part).name == "dvc" for part in command[:2]) or command[1:3] == ["-m", "dvc"]:
-            me = process
-            break
-    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
 
 
 def _git(*args: str) -> str:
@@ -198,7 +162,7 @@ def source_tags() -> dict[str, str]:
 def fail_stale_runs(experiment_id: str) -> list[str]:
     """Mark this host's RUNNING runs whose logging process is gone as FAILED; return their ids.
 
-    A stage killed while it logs cannot end its run, which would then stay RUNNING forever in the
+    A log stage killed while it logs cannot end its run, which would then stay RUNNING forever in the
     MLflow UI. Runs record `retrain.pid` and `retrain.host`; a run of another host, or whose
     process still lives, is left alone.
     """
@@ -235,97 +199,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-@dataclass
-class StageRun:
-    """The execution's run as one stage sees it; what it logs through here is its provenance."""
-
-    stage: str
-    run_id: str
-    run_name: str
-    experiment_id: str
-    client: object
-    metrics: dict[str, list] = field(default_factory=dict)  # key → [[step, value, timestamp ms], …]
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, []).append([step, float(value), now])
-
-    def set_tags(self, tags: dict[str, object]) -> None:
-        from mlflow.entities import RunTag
-
-        clean = {key: str(value) for key, value in tags.items()}
-        if clean:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in clean.items()])
-        self.tags.update(clean)
-
-
-def _find_or_create_run(client, experiment_id: str, key: str, params: dict):
-    from mlflow.entities import Param, RunTag
-
-    try:
-        query = f"tags.`retrain.execution` = {filter_string(key)}"
-    except ValueError:
-        raise RetrainError(
-            f"RETRAIN_EXECUTION {key!r}: holds both ' and \"; name the execution without quotes"
-        ) from None
-    found = client.search_runs([experiment_id], query, max_results=1)
-    if found:
-        return found[0]
-    tags = {**source_tags(), "retrain.execution": key, "retrain.host": socket.gethostname()}
-    run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
-    client.log_batch(run.info.run_id, tags=[RunTag("retrain.params_hash", _params_hash(params))])
-    return run
-
-
-def _params_hash(params: dict) -> str:
+def params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_provenance(stage: str, root: Path = Path(".")) -> dict | None:
-    """data/runs/<stage>.json: the run that produced the stage's current outputs, or None."""
-    from retrain.small_files import read_capped_text
-
-    try:
-        record = json.loads(read_capped_text(root / paths.RUNS_DIR / f"{stage}.json", what="provenance file"))
-    except (FileNotFoundError, json.JSONDecodeError, RecursionError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("run_id"), str) else None
-
-
-def _record_reused(stage_run: StageRun, current: str, tags: dict[str, str]) -> None:
-    """Tag every other stage whose outputs an earlier run produced; copy its logs if upstream."""
-    from mlflow.entities import Metric, RunTag
-
-    position = STAGES.index(current)
-    for stage in STAGES:
-        if stage == current or tags.get(f"retrain.ran.{stage}"):
-            continue
-        provenance = read_provenance(stage)
-        if provenance is None or provenance["run_id"] == stage_run.run_id:
-            continue
-        if tags.get(f"retrain.reused.{stage}") == provenance["run_id"]:
-            continue  # an earlier stage of this execution recorded it already
-        stage_run.client.set_tag(stage_run.run_id, f"retrain.reused.{stage}", provenance["run_id"])
-        if STAGES.index(stage) > position:
-            continue  # may still run in this execution: only its metrics would be stale
-        metrics = [
-            Metric(key, value, timestamp, step)
-            for key, history in provenance.get("metrics", {}).items()
-            for step, value, timestamp in history
-        ]
-        copied = [RunTag(k, v) for k, v in provenance.get("tags", {}).items()]
-        for i in range(0, max(len(metrics), len(copied)), 500):
-            stage_run.client.log_batch(stage_run.run_id, metrics=metrics[i : i + 500], tags=copied[i : i + 500])
 
 
 def log_dataset_inputs(split_csv: Path, source: str) -> None:
@@ -354,71 +229,6 @@ def log_dataset_inputs(split_csv: Path, source: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params, log_datasets: bool | None = None):
-    """The execution's run, for `stage` to log what it did once its outputs are written.
-
-    Yields a `StageRun` that is also MLflow's active run (so `mlflow.log_artifacts` and
-    `mlflow.pyfunc.log_model` go there). On success the run ends FINISHED and
-    data/runs/<stage>.json records it; a failure ends it FAILED (KILLED on Ctrl-C). A tracking
-    store that cannot be reached is one line naming it; the stage's outputs stay on disk.
-    """
-    import mlflow
-    from mlflow.entities import RunStatus
-    from mlflow.exceptions import MlflowException
-
-    from retrain.params import flatten
-
-    try:
-        experiment_id = use_experiment(params.tracking.experiment)
-        fail_stale_runs(experiment_id)
-        client = mlflow.MlflowClient()
-        run = _find_or_create_run(client, experiment_id, execution_key(), flatten(params))
-    except (MlflowException, OSError) as error:
-        raise _unreachable(error) from None
-    run_id = run.info.run_id
-    handle = StageRun(stage, run_id, run.info.run_name, experiment_id, client)
-    mlflow.start_run(run_id=run_id)  # the active run, for mlflow.log_artifacts and log_model
-    try:
-        client.set_tag(run_id, "retrain.pid", str(os.getpid()))  # the live owner, spared by stale-run cleanup
-        tags = run.data.tags
-        if tags.get(f"retrain.reused.{stage}"):
-            client.delete_tag(run_id, f"retrain.reused.{stage}")  # it ran after all
-        client.set_tag(run_id, f"retrain.ran.{stage}", "true")
-        _record_reused(handle, stage, tags)
-        if log_datasets is None:
-            log_datasets = STAGES.index(stage) > STAGES.index("split") and not run.inputs.dataset_inputs
-        if log_datasets and paths.SPLIT_CSV.exists():
-            log_dataset_inputs(paths.SPLIT_CSV, redact_url(params.data.url))
-        yield handle
-        handle.set_tags({f"{stage}.process_seconds": round(time.time() - _started(), 2)})  # where sweep time goes
-        _write_provenance(handle, params.tracking.experiment)
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except MlflowException as error:
-        _end_quietly(RunStatus.FAILED)
-        raise _unreachable(error) from None
-    except BaseException:
-        _end_quietly(RunStatus.FAILED)
-        raise
-    mlflow.end_run()
-
-
-def _started() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
-
-
-def _end_quietly(status) -> None:
-    import mlflow
-    from mlflow.entities import RunStatus
-
-    with contextlib.suppress(Exception):  # the store may be the thing that failed
-        mlflow.end_run(RunStatus.to_string(status))
-
-
 def store_error(error: Exception) -> RetrainError:
     """An MLflow failure as one line naming the store (credentials removed)."""
     return _unreachable(error)
@@ -432,21 +242,17 @@ def _unreachable(error: Exception) -> RetrainError:
     )
 
 
-def _write_provenance(handle: StageRun, experiment: str) -> None:
-    from retrain.atomic import atomic_file
+def logged_run_id(root: Path) -> str:
+    """The MLflow run that holds the workspace's results: data/runs/log.json, the log stage's record."""
+    from retrain.small_files import read_capped_text
 
-    paths.RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {
-        "stage": handle.stage,
-        "run_id": handle.run_id,
-        "run_name": handle.run_name,
-        "experiment": experiment,
-        "tracking_uri": shown_uri(),
-        "tags": handle.tags,
-        "metrics": handle.metrics,
-    }
-    with atomic_file(paths.RUNS_DIR / f"{handle.stage}.json") as temp:
-        temp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    try:
+        record = json.loads(read_capped_text(root / paths.RUNS_DIR / "log.json", what="log record"))
+    except (FileNotFoundError, json.JSONDecodeError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+        raise RetrainError(f"{paths.RUNS_DIR / 'log.json'}: no logged run; run `dvc repro` first")
+    return record["run_id"]
 
 
 def find_run(target: str, experiment: str):
@@ -456,10 +262,7 @@ def find_run(target: str, experiment: str):
     experiment_id = use_experiment(experiment)
     client = mlflow.MlflowClient()
     if target == "workspace":
-        provenance = read_provenance("export", project_root())
-        if provenance is None:
-            raise RetrainError(f"{paths.RUNS_DIR / 'export.json'}: not found; run `dvc repro` first")
-        target = provenance["run_id"]
+        target = logged_run_id(project_root())
     if len(target) == 32 and all(c in "0123456789abcdef" for c in target):
         return client.get_run(target)
     try:

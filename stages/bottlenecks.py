@@ -2,7 +2,7 @@
 
 import json
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.augment import write_views_array
 from retrain.backbones import load_backbone
 from retrain.cache import cache_root
@@ -10,6 +10,7 @@ from retrain.errors import exit_on_error
 from retrain.features import FeatureCache, dataset_hash, read_split, write_split_arrays
 from retrain.params import load_params
 from retrain.ray_engine import feature_engine
+from retrain.records import stage_record
 
 
 def bottlenecks():
@@ -29,8 +30,8 @@ def bottlenecks():
     (paths.FEATURES_DIR / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     stats.update({f"{split}_images": n for split, n in counts.items()})
     paths.BOTTLENECKS_STATS.write_text(json.dumps(stats, indent=2) + "\n")
-    with tracking.stage_run("bottlenecks", params) as run:  # bookkeeping, not model metrics: tags
-        run.set_tags(
+    with stage_record("bottlenecks") as record:  # bookkeeping, not model metrics: tags
+        record.set_tags(
             {
                 "backbone_id": backbone.id,
                 "dataset_hash": meta["dataset_hash"],

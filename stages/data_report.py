@@ -6,11 +6,12 @@ suspects.png) and data/data_report.json (`dvc metrics show`). No TensorFlow: sec
 
 import time
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.data_report import find_label_issues, load_features, near_duplicates, write_report
 from retrain.errors import exit_on_error
 from retrain.evaluation import flatten_metrics
 from retrain.params import load_params
+from retrain.records import stage_record
 
 
 def data_report():
@@ -28,13 +29,11 @@ def data_report():
         contact_sheet_size=params.data_report.contact_sheet,
     )
     seconds = time.perf_counter() - started
-    with tracking.stage_run("data_report", params) as run:
-        run.log_metrics(flatten_metrics(metrics))
-        run.set_tags({"data_report.seconds": round(seconds, 2)})
-        import mlflow
-
-        mlflow.log_artifacts(str(paths.DATA_REPORT_DIR), artifact_path="data_report")
-        mlflow.log_artifact(str(paths.DATA_REPORT_JSON))
+    with stage_record("data_report") as record:
+        record.log_metrics(flatten_metrics(metrics))
+        record.set_tags({"data_report.seconds": round(seconds, 2)})
+        record.log_artifacts(paths.DATA_REPORT_DIR, "data_report")
+        record.log_artifacts(paths.DATA_REPORT_JSON)
     print(
         f"{metrics['data/label_issues']} likely label errors, {metrics['data/near_duplicate_pairs']} near-duplicate "
         f"pairs ({metrics['data/cross_split_pairs']} across splits) in {len(dataset.labels)} photos, {seconds:.1f} s; "

@@ -1,10 +1,11 @@
 """download: fetch the image archive (or copy a folder) into data/raw/<name>/<class>/<image>."""
 
-from retrain import layouts, paths, tracking
+from retrain import layouts, paths
 from retrain.cache import cache_root
 from retrain.download import Limits, fetch_dataset
 from retrain.errors import exit_on_error
 from retrain.params import load_params
+from retrain.records import stage_record
 
 
 def download():
@@ -15,8 +16,8 @@ def download():
     if params.data.layout == "oxford102":
         root = layouts.place_oxford_images(root)
     layouts.fetch_extra_files(params.data.extra_files, root, cache_root(), limits=limits)
-    with tracking.stage_run("download", params) as run:
-        run.set_tags({"download.folder": root})
+    with stage_record("download") as record:
+        record.set_tags({"download.folder": root})
     print(f"images in {root}")
 
 

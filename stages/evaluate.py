@@ -6,15 +6,17 @@ features its backbone gives), never asking which stage produced it.
 
 import csv
 import json
+import shutil
 
 import numpy as np
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.errors import RetrainError, exit_on_error
 from retrain.evaluation import calibration_bins, evaluate_predictions, expected_calibration_error, mlflow_metrics
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import load_head, softmax
 from retrain.params import load_params
+from retrain.records import stage_record
 from retrain.reports import top_misclassified, write_reports
 from retrain.tensorboard_logs import TensorBoard
 
@@ -44,15 +46,14 @@ def evaluate():
     reports = write_reports(
         paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, _read_history(), params.evaluate.top_k
     )
-    with tracking.stage_run("evaluate", params) as run:
-        run.log_metrics(mlflow_metrics(metrics))
-        import mlflow
-
-        mlflow.log_artifacts(str(paths.REPORTS_DIR), artifact_path="reports")
-        mlflow.log_artifact(str(paths.METRICS))
-        board = TensorBoard(run.run_name)
-        board.write_misclassified(top_misclassified(y_test, probabilities, labels, test_paths, limit=8))
-        mlflow.log_artifacts(str(board.folder / "test"), artifact_path="tensorboard/test")
+    shutil.rmtree(paths.EVALUATE_TENSORBOARD, ignore_errors=True)
+    misclassified = top_misclassified(y_test, probabilities, labels, test_paths, limit=8)
+    TensorBoard(paths.EVALUATE_TENSORBOARD).write_misclassified(misclassified)
+    with stage_record("evaluate") as record:
+        record.log_metrics(mlflow_metrics(metrics))
+        record.log_artifacts(paths.REPORTS_DIR, "reports")
+        record.log_artifacts(paths.METRICS)
+        record.add_tensorboard(paths.EVALUATE_TENSORBOARD / "test", "test")
     print(f"test accuracy {metrics['accuracy']:.4f} on {len(y_test)} images; reports in {paths.REPORTS_DIR}/")
     return reports
 

@@ -12,13 +12,14 @@ import json
 import shutil
 import time
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.calibration import fit_temperature
 from retrain.errors import exit_on_error
 from retrain.features import load_split_arrays
 from retrain.head import load_head, save_head
 from retrain.model_input import write_backbone_spec, write_frozen
 from retrain.params import load_params
+from retrain.records import stage_record
 
 
 def finetune():
@@ -34,13 +35,13 @@ def finetune():
         print("fine-tuning is off (finetune.enabled: false): the frozen model goes on")
     summary["temperature"] = _calibrate()
     paths.FINETUNE_JSON.write_text(json.dumps(summary, indent=2) + "\n")
-    with tracking.stage_run("finetune", params) as run:
+    with stage_record("finetune") as record:
         for epoch, values in enumerate(zip(*(summary.get(k, []) for k in ("loss", "val_loss", "val_accuracy")))):
-            run.log_metrics(
+            record.log_metrics(
                 dict(zip(("finetune/loss", "finetune/val_loss", "finetune/val_accuracy"), values)), step=epoch
             )
-        run.log_metrics({"calibration/temperature": summary["temperature"]})
-        run.set_tags(
+        record.log_metrics({"calibration/temperature": summary["temperature"]})
+        record.set_tags(
             {"finetune.enabled": summary["enabled"]}
             | (
                 {

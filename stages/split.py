@@ -3,10 +3,11 @@ split), keep identical files in one split, reject what won't decode."""
 
 from pathlib import Path
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.download import dataset_root
 from retrain.errors import exit_on_error
 from retrain.params import load_params
+from retrain.records import stage_record
 from retrain.split import split_dataset
 
 
@@ -29,8 +30,8 @@ def split():
         near_duplicate_distance=params.data.near_duplicate_distance,
         near_duplicates_csv=paths.NEAR_DUPLICATES_CSV,
     )
-    with tracking.stage_run("split", params, log_datasets=True) as run:
-        run.set_tags({f"split.{name}": n for name, n in counts.items()})
+    with stage_record("split") as record:  # the log stage records split.csv as the run's dataset inputs
+        record.set_tags({f"split.{name}": n for name, n in counts.items()})
     print(", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items()))
 
 

@@ -2,16 +2,18 @@
 
 import csv
 import json
+import shutil
 import time
 
 import numpy as np
 
-from retrain import paths, tracking
+from retrain import paths
 from retrain.augment import load_views_array
 from retrain.errors import exit_on_error
 from retrain.features import load_labels, load_split_arrays
 from retrain.head import save_head
 from retrain.params import load_params
+from retrain.records import stage_record
 from retrain.tensorboard_logs import TensorBoard
 from retrain.tf.head_training import to_head, train_head
 
@@ -43,20 +45,17 @@ def train():
     save_head(to_head(model), paths.HEAD)
     _write_history(history)
     _write_search(search)
-    with tracking.stage_run("train", params) as run:
+    shutil.rmtree(paths.TRAIN_TENSORBOARD, ignore_errors=True)
+    TensorBoard(paths.TRAIN_TENSORBOARD).write_history(history, weights)
+    with stage_record("train") as record:
         for epoch in range(len(history["loss"])):
-            run.log_metrics({_metric_name(key): values[epoch] for key, values in history.items()}, step=epoch)
-        run.set_tags({"train.epochs": len(history["loss"]), "train.seconds": round(seconds, 3)})
+            record.log_metrics({_metric_name(key): values[epoch] for key, values in history.items()}, step=epoch)
+        record.set_tags({"train.epochs": len(history["loss"]), "train.seconds": round(seconds, 3)})
         if search is not None:
-            _log_search(run, search)
-        board = TensorBoard(run.run_name)
-        board.write_history(history, weights)
-        import mlflow
-
-        mlflow.log_artifacts(str(board.folder), artifact_path="tensorboard")
-    print(
-        f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s; MLflow run {run.run_id} ({run.run_name})"
-    )
+            _record_search(record, search)
+        record.add_tensorboard(paths.TRAIN_TENSORBOARD / "train", "train")
+        record.add_tensorboard(paths.TRAIN_TENSORBOARD / "validation", "validation")
+    print(f"head trained for {len(history['loss'])} epochs in {seconds:.2f} s")
 
 
 def _metric_name(key: str) -> str:
@@ -71,32 +70,18 @@ def _progress(weights: dict, epoch: int, logs: dict, model, epochs: int) -> None
         weights[epoch] = [(v.path, np.array(v.numpy())) for v in model.trainable_variables]
 
 
-def _log_search(run, search) -> None:
+def _record_search(record, search) -> None:
     """Each trial as a child run of this execution's run: the UI compares them side by side."""
-    from mlflow.entities import Metric, Param, RunTag
-
     for trial in search.trials:
-        child = run.client.create_run(
-            run.experiment_id,
-            run_name=f"{run.run_name}-trial-{trial.number:02d}",
-            tags={"mlflow.parentRunId": run.run_id, "retrain.trial": str(trial.number)},
+        record.add_child(
+            f"trial-{trial.number:02d}",
+            params={f"train.{k}": v for k, v in trial.params.items()},
+            metrics={_metric_name(key): values for key, values in trial.history.items()}
+            | {"search/val_loss": [trial.value]},
+            tags={"retrain.trial": trial.number, "train.epochs": trial.epochs},
         )
-        history, now = trial.history, int(time.time() * 1000)
-        metrics = [
-            Metric(_metric_name(key), value, now, step)
-            for key, values in history.items()
-            for step, value in enumerate(values)
-        ]
-        metrics.append(Metric("search/val_loss", trial.value, now, 0))
-        run.client.log_batch(
-            child.info.run_id,
-            metrics=metrics[:1000],
-            params=[Param(f"train.{k}", str(v)) for k, v in trial.params.items()],
-            tags=[RunTag("train.epochs", str(trial.epochs))],
-        )
-        run.client.set_terminated(child.info.run_id)
-    run.log_metrics({"search/best_val_loss": search.best_value})
-    run.set_tags({f"search.best.{key}": value for key, value in search.best_params.items()})
+    record.log_metrics({"search/best_val_loss": search.best_value})
+    record.set_tags({f"search.best.{key}": value for key, value in search.best_params.items()})
 
 
 def _write_search(search) -> None:

@@ -60,6 +60,11 @@ def run(cwd: Path, *command: str, check: bool = True, tracking_uri: str | None =
     return result
 
 
+def every_stage(root: Path) -> list[str]:
+    """The project's stages in dvc.yaml's order (DVC's order too: each stage follows its inputs)."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
 def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
 

@@ -122,10 +122,29 @@ def test_every_stage_records_its_provenance():
         assert f"data/runs/{name}.json" in _declared(stage, "outs"), name
 
 
+def test_only_the_log_stage_reaches_mlflow():
+    """Tracking is one step: every other stage writes its record and never imports MLflow (1.5-9 s)."""
+    for name in STAGES:
+        reaching = sorted(
+            str(f.relative_to(REPO)) for f in code_of(REPO / "stages" / f"{name}.py") if "mlflow" in _top_modules(f)
+        )
+        assert bool(reaching) == (name == "log"), f"stage {name} reaches MLflow through {reaching}"
+
+
+def _top_modules(file: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
 def test_the_checker_sees_indirect_imports():
     # export imports retrain.tf.export, which imports retrain.tf.graph_images: the closure must contain both.
     files = {str(f.relative_to(REPO)) for f in code_of(REPO / "stages" / "export.py")}
-    assert {"retrain/tf/export.py", "retrain/tf/graph_images.py", "retrain/tracking.py", "retrain/__init__.py"} <= files
+    assert {"retrain/tf/export.py", "retrain/tf/graph_images.py", "retrain/records.py", "retrain/__init__.py"} <= files
 
 
 # --- params: each stage declares every params.<section>.<key> it reads ---------------------------

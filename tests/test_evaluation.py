@@ -8,8 +8,10 @@ from sklearn import metrics as skm
 
 from retrain.errors import RetrainError
 from retrain.evaluation import (
+    LOSS_EPSILON,
     calibration_bins,
     confusion_matrix,
+    cross_entropy,
     evaluate_predictions,
     expected_calibration_error,
     flatten_metrics,
@@ -75,6 +77,32 @@ def test_flattened_names_are_valid_mlflow_metric_names():
     assert "per_class/pink-yellow dahlia_/f1" in flat
     assert "per_class/colt_s foot/recall" in flat
     assert "per_class/löwenzahn/support" in flat
+
+
+def test_one_cross_entropy_from_logits_or_probabilities_even_at_extreme_logits():
+    """The loss the search, fine-tuning, calibration and evaluate report: -mean log p(true class)."""
+    y_true = np.array([0, 1, 2, 2])
+    logits = np.array([[2.0, 1.0, 0.0], [0.5, 0.5, 0.5], [1000.0, -1000.0, 0.0], [-1e4, 0.0, 3e4]])
+    # By hand: log-sums of exponentials, computed where they do not overflow.
+    expected = np.mean(
+        [
+            np.log(1 + np.exp(-1) + np.exp(-2)),
+            np.log(3),
+            1000.0 + np.log(1 + np.exp(-1000.0)),
+            0.0 + np.log1p(np.exp(-3e4)),
+        ]
+    )
+    loss = cross_entropy(y_true, logits=logits)
+    assert np.isfinite(loss) and loss == pytest.approx(expected, rel=1e-12)
+    assert cross_entropy(y_true, logits=logits.astype(np.float32)) == pytest.approx(expected, rel=1e-7)
+    # From probabilities: the same wherever p(true) >= LOSS_EPSILON, and a confident miss costs 16.1.
+    mild = logits[:2]
+    probabilities = np.exp(mild) / np.exp(mild).sum(axis=1, keepdims=True)
+    assert cross_entropy(y_true[:2], probabilities=probabilities) == pytest.approx(
+        cross_entropy(y_true[:2], logits=mild), abs=1e-12
+    )
+    assert cross_entropy([1], probabilities=np.array([[1.0, 0.0]])) == pytest.approx(-np.log(LOSS_EPSILON))
+    assert np.isnan(cross_entropy([0], logits=np.array([[np.nan, 0.0]])))  # a diverged head: the search scores it +inf
 
 
 def test_perfect_predictions():

@@ -189,11 +189,12 @@ def test_the_served_mlflow_model_refuses_oversized_and_bomb_images_with_a_clear_
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from retrain.pyfunc import pyfunc_model
+    from retrain.pyfunc import pyfunc_model, write_classes
 
     served_dir = tmp_path / "export"
     shutil.copytree(model_dir, served_dir)
-    mlflow.pyfunc.save_model(tmp_path / "pyfunc", **pyfunc_model(served_dir, ["a", "b", "c"], 2))
+    write_classes(served_dir, ["a", "b", "c"], 2)
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", **pyfunc_model(served_dir))
     served = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
     answer = served.predict(pd.DataFrame({"image": [SEEDS["jpeg"], base64.b64encode(SEEDS["png"]).decode()]}))
     assert list(answer.columns) == ["label", "probability", "top_k_labels", "top_k_probabilities"] and len(answer) == 2

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import struct
 import subprocess
 import sys
@@ -23,10 +22,13 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import free_port
 from default_params import default_params, default_raw
 from retrain import layouts, tracking
 from retrain.errors import RetrainError
 from retrain.params import flatten, load_params
+from retrain.records import stage_record
+from retrain.run_log import log_execution
 from retrain.split import ImageRow, assign_split, class_names, list_dataset, write_split
 
 # Every character str.splitlines() splits on: each would turn one label into two in labels.txt.
@@ -185,17 +187,11 @@ def refusing_server():
     server.server_close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("answer", ["401", "refused"])
 def test_a_download_error_line_never_shows_the_password(tmp_path, refusing_server, answer):
     from retrain.download import fetch_dataset
 
-    port = refusing_server if answer == "401" else _closed_port()
+    port = refusing_server if answer == "401" else free_port()
     url = f"http://ann:s3cret@127.0.0.1:{port}/flowers.tgz?token=t0ken"
     with pytest.raises(RetrainError) as error:
         fetch_dataset(url, None, tmp_path / "raw", tmp_path / "cache", retries=1, backoff_s=0, timeout_s=5)
@@ -214,11 +210,10 @@ def test_extra_files_error_lines_never_show_the_password(tmp_path, refusing_serv
 
 def test_a_dead_tracking_server_with_a_password_is_named_without_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RETRAIN_EXECUTION", "dead-server-with-password")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw0rd@127.0.0.1:{_closed_port()}")
-    with pytest.raises(RetrainError) as error, tracking.stage_run("train", default_params()):
-        pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw0rd@127.0.0.1:{free_port()}")
+    with pytest.raises(RetrainError) as error:
+        log_execution(default_params(), stages=["train"])
     message = _one_line(error)
     assert "pw0rd" not in message and "http://***@127.0.0.1" in message
 
@@ -229,7 +224,6 @@ def test_a_run_on_a_server_with_a_password_stores_and_logs_no_secret(tmp_path, m
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RETRAIN_EXECUTION", "password-in-urls")
     uri = mlflow_server.replace("http://", "http://bob:pw0rd@")  # the server ignores it; requests sends it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (tmp_path / "data").mkdir()
@@ -241,13 +235,14 @@ def test_a_run_on_a_server_with_a_password_stores_and_logs_no_secret(tmp_path, m
     params = default_params(
         **{"data.url": "https://ann:s3cret@example.com/f.tgz?token=t0ken", "tracking.experiment": "password-in-urls"}
     )
-    with tracking.stage_run("bottlenecks", params) as run:
+    with stage_record("bottlenecks"):
         pass
+    run_id = log_execution(params, stages=["bottlenecks"])["run_id"]
     printed = capfd.readouterr()
     assert "pw0rd" not in printed.out + printed.err  # MLflow's "View run at <uri>" line
-    stored = (tmp_path / "data" / "runs" / "bottlenecks.json").read_text()
+    stored = (tmp_path / "data" / "runs" / "log.json").read_text()
     assert "pw0rd" not in stored and "***@127.0.0.1" in stored
-    logged = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(run.run_id)
+    logged = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
     sources = [d.dataset.source for d in logged.inputs.dataset_inputs]
     everything = json.dumps([logged.data.params, logged.data.tags, sources])
     assert len(sources) == 3 and "s3cret" not in everything and "t0ken" not in everything

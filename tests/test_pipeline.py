@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from imagegen import image_bytes, make_class_folders
-from project import CLASSES, make_project, publish, ran_stages, run, serve_folder, set_params
+from project import CLASSES, every_stage, make_project, publish, ran_stages, run, serve_folder, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +59,7 @@ def project(tmp_path_factory, own_feature_cache, server, images, tiny_backbone, 
 
 def test_repro_runs_every_stage_and_exports_a_working_classifier(project):
     root = project["root"]
-    assert ran_stages(project["first"]) == [
-        "download",
-        "split",
-        "bottlenecks",
-        "data_report",
-        "train",
-        "finetune",
-        "evaluate",
-        "export",
-    ]
+    assert ran_stages(project["first"]) == every_stage(root)  # in dvc.yaml's order
     assert (root / "data/raw/flowers/red").is_dir()
     stats = json.loads((root / "data/bottlenecks.json").read_text())
     assert stats["computed"] == 48 and stats["cache_hits"] == 0
@@ -162,11 +153,23 @@ def test_new_images_compute_only_their_features(project):
     assert stats["computed"] == 3 and stats["cache_hits"] == 48
 
 
-def test_learning_rate_change_reruns_only_the_head(project):
+def test_learning_rate_change_reruns_only_the_head_and_a_dead_server_costs_only_the_log_step(project):
+    import mlflow
+
+    from conftest import free_port
+
     root = project["root"]
     set_params(root, **{"train.learning_rate": 0.02})
-    result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])
-    assert ran_stages(result) == ["train", "finetune", "evaluate", "export"]  # finetune (off) only notes it
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    failed = run(root, "dvc", "repro", tracking_uri=dead, check=False)
+    assert ran_stages(failed) == ["train", "finetune", "evaluate", "export", "log"]  # finetune (off) only notes it
+    assert failed.returncode != 0 and f"error: MLflow tracking store {dead} failed" in failed.stderr, failed.stderr
+    result = run(root, "dvc", "repro", tracking_uri=project["tracking_uri"])  # the server is back
+    assert ran_stages(result) == ["log"]  # the head, its evaluation and export are kept
+    client = mlflow.MlflowClient(project["tracking_uri"])
+    logged = client.get_run(json.loads((root / "data/runs/log.json").read_text())["run_id"])
+    assert logged.data.params["train.learning_rate"] == "0.02" and logged.data.tags["retrain.ran.train"] == "true"
+    assert logged.data.tags["retrain.reused.bottlenecks"] and "test/accuracy" in logged.data.metrics
 
 
 LIGHT_STAGES = [
@@ -199,11 +202,10 @@ def test_light_stages_predict_and_the_served_model_never_import_tensorflow(proje
     (tmp_path / "red.jpg").write_bytes(image_bytes("JPEG", CLASSES["red"], (70, 70), seed=77))
     predict = f"from retrain.cli import main; assert main(['predict', {str(tmp_path / 'red.jpg')!r}]) == 0"
     assert not _tensorflow_loaded_after(root, predict), "retrain predict (model/model.tflite) imported tensorflow"
-    model_uri = (
-        json.loads((root / "data/runs/export.json").read_text())["tags"]["retrain.model_uri"]
-        if "tags" in json.loads((root / "data/runs/export.json").read_text())
-        else None
-    )
+    import mlflow
+
+    logged = json.loads((root / "data/runs/log.json").read_text())["run_id"]
+    model_uri = mlflow.MlflowClient(project["tracking_uri"]).get_run(logged).data.tags["retrain.model_uri"]
     serve = (
         "import mlflow, pandas as pd, pathlib\n"
         f"mlflow.set_tracking_uri({project['tracking_uri']!r})\n"
@@ -211,5 +213,4 @@ def test_light_stages_predict_and_the_served_model_never_import_tensorflow(proje
         f"answer = model.predict(pd.DataFrame({{'image': [pathlib.Path({str(tmp_path / 'red.jpg')!r}).read_bytes()]}}))\n"
         "assert answer['label'][0] == 'red', answer\n"
     )
-    if model_uri:
-        assert not _tensorflow_loaded_after(root, serve), "the served MLflow model imported tensorflow"
+    assert not _tensorflow_loaded_after(root, serve), "the served MLflow model imported tensorflow"

@@ -104,7 +104,7 @@ def swept(tmp_path_factory, any_size_backbone):
 
 
 def test_an_evaluate_only_experiment_gets_its_own_run_pointing_to_the_reused_head(swept):
-    assert ran_stages(swept["topk"]) == ["evaluate", "export"]
+    assert ran_stages(swept["topk"]) == ["evaluate", "export", "log"]
     runs, baseline = swept["runs_after_topk"], swept["baseline"]
     assert sorted(runs) == sorted([baseline.info.run_name, "topk13"])
     topk = runs["topk13"]

@@ -171,19 +171,22 @@ def test_a_shared_feature_cache_computes_no_feature_twice(origin, team, shared_c
     assert stats["computed"] == 0 and stats["cache_hits"] > 0
 
 
-# Opens a stage's run the way a stage does, then hangs until it is killed.
+# Opens the execution's run the way the log stage does, then hangs until it is killed.
 _HANGING_STAGE = """
 import time
+import mlflow
 from retrain import tracking
 from retrain.params import load_params
-with tracking.stage_run("train", load_params()) as stage:
-    print(stage.run_id, flush=True)
-    time.sleep(600)
+from retrain.run_log import create_run
+params = load_params()
+run = create_run(mlflow.MlflowClient(), tracking.use_experiment(params.tracking.experiment), params)
+print(run.info.run_id, flush=True)
+time.sleep(600)
 """
 
 
 def _killed_stage_run(root: Path, team) -> str:
-    """The id of a run left RUNNING by a stage that was SIGKILLed while logging."""
+    """The id of a run left RUNNING by a log stage that was SIGKILLed while logging."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": team["uri"], "PYTHONPATH": str(root)}
     process = subprocess.Popen(
         [str(BIN / "python"), "-c", _HANGING_STAGE],

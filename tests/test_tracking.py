@@ -11,6 +11,8 @@ import pytest
 
 from default_params import default_params
 from retrain import tracking
+from retrain.records import stage_record
+from retrain.run_log import log_execution
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def _default_store_at(folder, monkeypatch):
 def workspace(project, monkeypatch):
     """The project folder as the current directory, on the default (SQLite) store."""
     _default_store_at(project, monkeypatch)
-    shutil.rmtree(project / "data", ignore_errors=True)  # each test's own provenance files
+    shutil.rmtree(project / "data", ignore_errors=True)  # each test's own records
+    shutil.rmtree(project / "reports", ignore_errors=True)
     return project
 
 
@@ -76,12 +79,20 @@ def test_temporary_experiment_copies_log_to_the_parent_repos_store(project, tmp_
     assert (project / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
 
 
-def _stage(stage, params, metrics=None, **tags):
-    with tracking.stage_run(stage, params) as run:
+STAGES = ["train", "evaluate", "export"]  # the stages these tests write records for, in dvc.yaml's order
+
+
+def _stage(stage, metrics=None, step=0, **tags):
+    """What a stage does at its end: its record, data/runs/<stage>.json."""
+    with stage_record(stage) as record:
         if metrics:
-            run.log_metrics(metrics)
-        run.set_tags(tags)
-    return run.run_id
+            record.log_metrics(metrics, step=step)
+        record.set_tags(tags)
+    return record
+
+
+def _log(params):
+    return log_execution(params, stages=STAGES)
 
 
 def _runs(name="retrain"):
@@ -89,38 +100,45 @@ def _runs(name="retrain"):
     return client.search_runs([client.get_experiment_by_name(name).experiment_id])
 
 
-def test_stages_of_one_execution_share_one_run_named_after_the_dvc_experiment(workspace, monkeypatch):
+def test_one_execution_is_one_run_named_after_the_dvc_experiment(workspace, monkeypatch):
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"], check=True
     )
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
-    monkeypatch.setenv("RETRAIN_EXECUTION", "execution-1")
     params = default_params(**{"tracking.experiment": "named"})
-    first = _stage("train", params, {"val/loss": 0.5}, **{"train.epochs": 3})
-    second = _stage("evaluate", params, {"test/accuracy": 0.75})
-    assert first == second
-    (run,) = _runs("named")
+    with stage_record("train") as train:
+        for epoch, loss in enumerate([0.9, 0.5]):
+            train.log_metrics({"val/loss": loss}, step=epoch)
+        train.set_tags({"train.epochs": 2})
+        train.add_child("trial-00", {"train.dropout": 0.3}, {"val/loss": [0.8, 0.7]}, {"retrain.trial": 0})
+    _stage("evaluate", {"test/accuracy": 0.75})
+    logged = _log(params)
+    run = mlflow.MlflowClient().get_run(logged["run_id"])
     assert run.info.run_name == "lucky-lark" and run.info.status == "FINISHED"
     assert run.data.params["train.learning_rate"] == str(params.train.learning_rate) and "data.url" in run.data.params
     assert run.data.metrics == {"val/loss": 0.5, "test/accuracy": 0.75}
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5)]
     tags = run.data.tags
     assert tags["mlflow.source.git.commit"] == commit and tags["dvc_experiment"] == "lucky-lark"
-    assert tags["retrain.ran.train"] == tags["retrain.ran.evaluate"] == "true" and tags["train.epochs"] == "3"
-    provenance = json.loads((workspace / "data/runs/evaluate.json").read_text())
-    assert provenance["run_id"] == run.info.run_id and provenance["metrics"]["test/accuracy"][0][1] == 0.75
+    assert tags["retrain.ran.train"] == tags["retrain.ran.evaluate"] == "true" and tags["train.epochs"] == "2"
+    (trial,) = [r for r in _runs("named") if r.info.run_id != run.info.run_id]
+    assert trial.info.run_name == "lucky-lark-trial-00" and trial.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert trial.data.params == {"train.dropout": "0.3"} and trial.data.metrics == {"val/loss": 0.7}
+    assert json.loads((workspace / "data/runs/log.json").read_text())["run_id"] == run.info.run_id
     experiment = mlflow.MlflowClient().get_experiment_by_name("named")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_a_later_execution_records_the_reused_stage_and_leaves_the_earlier_run_alone(workspace, monkeypatch):
+def test_a_later_execution_records_the_reused_stage_and_leaves_the_earlier_run_alone(workspace):
     params = default_params(**{"tracking.experiment": "reuse"})
-    monkeypatch.setenv("RETRAIN_EXECUTION", "baseline")
-    baseline = _stage("train", params, {"train/loss": 0.9}, **{"backbone_id": "tiny"})
-    _stage("evaluate", params, {"test/accuracy": 0.5})
-    monkeypatch.setenv("RETRAIN_EXECUTION", "evaluate-only")
-    later = _stage("evaluate", params, {"test/accuracy": 0.6})
+    _stage("train", {"train/loss": 0.9}, backbone_id="tiny")
+    _stage("evaluate", {"test/accuracy": 0.5})
+    baseline = _log(params)["run_id"]
+    _stage("evaluate", {"test/accuracy": 0.6})  # an experiment that reruns evaluate only
+    later = _log(params)["run_id"]
     assert later != baseline
     client = mlflow.MlflowClient()
     old, new = client.get_run(baseline), client.get_run(later)
@@ -128,18 +146,35 @@ def test_a_later_execution_records_the_reused_stage_and_leaves_the_earlier_run_a
     assert "retrain.reused.train" not in old.data.tags
     assert new.data.tags["retrain.reused.train"] == baseline and new.data.tags["backbone_id"] == "tiny"
     assert new.data.metrics == {"train/loss": 0.9, "test/accuracy": 0.6}  # the reused head's, copied
-    assert "retrain.ran.train" not in new.data.tags
+    assert "retrain.ran.train" not in new.data.tags and new.data.tags["retrain.ran.evaluate"] == "true"
 
 
-def test_a_failing_stage_marks_the_run_failed_and_records_no_provenance(workspace, monkeypatch):
-    monkeypatch.setenv("RETRAIN_EXECUTION", "failing")
-    params = default_params(**{"tracking.experiment": "failing"})
-    with pytest.raises(ValueError), tracking.stage_run("export", params):
-        raise ValueError("boom")
-    (run,) = _runs("failing")
-    assert run.info.status == "FAILED"
-    provenance = tracking.read_provenance("export", workspace)
-    assert provenance is None or provenance["run_id"] != run.info.run_id
+def test_an_execution_whose_stages_are_all_logged_makes_no_run(workspace):
+    params = default_params(**{"tracking.experiment": "nothing-new"})
+    _stage("train", {"train/loss": 0.9})
+    first = _log(params)
+    again = _log(params)  # `dvc repro --force log`: nothing ran since
+    assert not again["new_run"] and again["run_id"] == first["run_id"]
+    assert len(_runs("nothing-new")) == 1
+
+
+def test_a_log_that_fails_midway_is_marked_failed_and_its_retry_replaces_it(workspace):
+    params = default_params(**{"tracking.experiment": "retry"})
+    _stage("train", {"train/loss": 0.9})
+    with stage_record("evaluate") as record:
+        record.log_artifacts(workspace / "reports", "reports")  # not there yet: the upload fails
+    with pytest.raises(OSError):
+        _log(params)
+    (failed,) = _runs("retry")
+    assert failed.info.status == "FAILED" and failed.data.tags["retrain.ran.train"] == "true"
+    assert not (workspace / "data/runs/log.json").exists()
+    (workspace / "reports").mkdir()
+    (workspace / "reports" / "per_class.md").write_text("| class |\n")
+    retried = _log(params)  # what `dvc repro` does next: only the log stage reruns
+    (run,) = _runs("retry")  # the failed attempt went to MLflow's trash
+    assert run.info.run_id == retried["run_id"] != failed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["retrain.ran.train"] == run.data.tags["retrain.ran.evaluate"] == "true"
+    assert mlflow.MlflowClient().get_run(failed.info.run_id).info.lifecycle_stage == "deleted"
 
 
 class _HangingUpServer:
@@ -174,22 +209,27 @@ class _HangingUpServer:
         self.sock.close()
 
 
-def test_a_dead_tracking_server_is_one_line_after_a_few_retries(workspace, monkeypatch):
+def test_a_dead_tracking_server_is_one_line_after_a_few_retries_and_loses_no_work(workspace, monkeypatch):
     from retrain.errors import RetrainError
 
-    monkeypatch.setenv("RETRAIN_EXECUTION", "dead-server")
+    params = default_params(**{"tracking.experiment": "dead-server"})
+    _stage("train", {"train/loss": 0.9})
     with _HangingUpServer() as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         with pytest.raises(
             RetrainError, match=r"MLflow tracking store http://127\.0\.0\.1:\d+ failed .*rerun"
         ) as error:
-            _stage("train", default_params())
+            _log(params)
     # Seconds, not MLflow's default of minutes: one request, retried MLFLOW_HTTP_REQUEST_MAX_RETRIES times.
     assert 1 <= server.attempts <= 1 + int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), server.attempts
     assert "\n" not in str(error.value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store is back: the train record is logged as this execution's
+    logged = _log(params)
+    run = mlflow.MlflowClient().get_run(logged["run_id"])
+    assert run.data.tags["retrain.ran.train"] == "true" and run.data.metrics == {"train/loss": 0.9}
 
 
-def test_a_run_left_running_by_a_killed_process_is_marked_failed_by_the_next_stage(workspace, monkeypatch):
+def test_a_run_left_running_by_a_killed_process_is_marked_failed_by_the_next_log(workspace):
     import socket
 
     dead = subprocess.Popen(["true"])
@@ -201,8 +241,8 @@ def test_a_run_left_running_by_a_killed_process_is_marked_failed_by_the_next_sta
     alive = client.create_run(
         experiment_id, tags={"retrain.pid": str(os.getppid()), "retrain.host": socket.gethostname()}
     )
-    monkeypatch.setenv("RETRAIN_EXECUTION", "after-the-kill")
-    _stage("train", params)
+    _stage("train")
+    _log(params)
     assert client.get_run(stale.info.run_id).info.status == "FAILED"
     assert "ended without closing the run" in client.get_run(stale.info.run_id).data.tags["retrain.failure"]
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process still lives

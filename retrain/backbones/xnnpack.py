@@ -28,7 +28,7 @@ RUNTIME_VERSION = "1"
 TOLERANCE = 1e-4  # max abs feature difference from TensorFlow's for the conversion to be used
 # One image per invoke: on 2 cores batch 1 beat batches of 8 and 32 (issue #17; benchmarks/README.md).
 INVOKE_BATCH = 1
-THREADS = int(os.environ.get("RETRAIN_XNNPACK_THREADS", "0")) or os.cpu_count() or 1
+THREADS = os.cpu_count() or 1  # the local engine's: every core; Ray's actors pass their own count
 
 
 def tflite_path(weights_id: str) -> Path:

@@ -24,10 +24,11 @@ from tqdm import tqdm
 from retrain.atomic import atomic_dir
 from retrain.augment import view_seed
 from retrain.errors import RetrainError
+from retrain.evaluation import cross_entropy
 from retrain.features import Example, class_names, image_batches, write_features_npz
 from retrain.params import AugmentParams, FinetuneParams
 from retrain.tf.augment import augmenter
-from retrain.tf.head_training import head_logits, set_seed
+from retrain.tf.head_training import head_logits, set_seed, smoothed_cross_entropy
 
 
 def variable_blocks(backbone) -> list[tuple[str, list]]:
@@ -81,7 +82,6 @@ def finetune(
     watched = [v if isinstance(v, tf.Variable) else v.value for v in variables]
     steps = params.epochs * -(-len(train) // params.batch_size)
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(params.learning_rate, max(1, steps)))
-    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     num_classes = len(index)
     rate = next(layer.rate for layer in head.layers if isinstance(layer, keras.layers.Dropout))
     dropout = (lambda x: tf.nn.dropout(x, rate)) if rate else None
@@ -90,8 +90,8 @@ def finetune(
     def train_step(images, labels):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(watched)
-            probabilities = tf.nn.softmax(head_logits(head, backbone.features(images), dropout))
-            loss = loss_fn(tf.one_hot(labels, num_classes), probabilities)
+            logits = head_logits(head, backbone.features(images), dropout)
+            loss = tf.reduce_mean(smoothed_cross_entropy(logits, labels, num_classes, label_smoothing))
         optimizer.apply_gradients(zip(tape.gradient(loss, watched), variables))
         return loss
 
@@ -134,13 +134,12 @@ def _snapshot(variables) -> list[np.ndarray]:
 
 
 def _validate(features, head, rows, index, image_size, batch_size) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the un-augmented validation images."""
+    """(plain cross-entropy as `evaluation.cross_entropy`, accuracy) of the un-augmented validation images."""
     if not rows:
         return float("nan"), float("nan")
     vectors, labels = split_features(features, rows, index, image_size, batch_size)
-    probabilities = tf.nn.softmax(head_logits(head, tf.constant(vectors))).numpy()
-    loss = -np.mean(np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12)))
-    return float(loss), float(np.mean(probabilities.argmax(1) == labels))
+    logits = head_logits(head, tf.constant(vectors)).numpy()
+    return cross_entropy(labels, logits=logits), float(np.mean(logits.argmax(1) == labels))
 
 
 def split_features(features, rows: list[Example], index, image_size, batch_size) -> tuple[np.ndarray, np.ndarray]:

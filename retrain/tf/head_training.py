@@ -73,6 +73,14 @@ def head_logits(model: keras.Model, x, dropout=None):
     return logits(dense_variables(model), x, TF_OPS, dropout)
 
 
+def smoothed_cross_entropy(logits, labels, num_classes: int, smoothing: float):
+    """float32 [N] training loss per sample: cross-entropy of logits [N, C] against int labels [N]
+    with targets smoothed as Keras' `CategoricalCrossentropy(label_smoothing)` does. The head's and
+    fine-tuning's training loss; every loss that judges a head is `evaluation.cross_entropy`."""
+    targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+    return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+
+
 def to_head(model: keras.Model) -> Head:
     """The Keras head's weights as a `retrain.head.Head` (what is saved, evaluated and exported)."""
     layers = [(np.array(k.numpy()), np.array(b.numpy()), a) for k, b, a in dense_variables(model)]
@@ -234,15 +242,12 @@ class _EpochLoop:
 
     def _losses(self, logits, labels):
         """Per-sample smoothed cross-entropy, and the L2 penalty of the kernels (0 without l2)."""
-        targets = tf.one_hot(labels, self.num_classes)
-        smoothing = self.params.label_smoothing
-        targets = targets * (1.0 - smoothing) + smoothing / self.num_classes
         penalty = (
             tf.add_n([self.params.l2 * tf.reduce_sum(tf.square(layer.kernel.value)) for layer in self.layers])
             if self.params.l2
             else tf.constant(0.0)
         )
-        return tf.nn.softmax_cross_entropy_with_logits(targets, logits), penalty
+        return smoothed_cross_entropy(logits, labels, self.num_classes, self.params.label_smoothing), penalty
 
     def _train_epoch(self, x, y, w, order, epoch):
         n, batch = tf.shape(order)[0], self.params.batch_size

@@ -18,7 +18,7 @@ The space (one place, here, so a change is one diff):
 | l2 | 1e-7 … 1e-3, log | 1e-7 is practically none; 1e-3 already dominates the loss of 1024 units |
 
 The score is the validation cross-entropy of the trial's best epoch *without* label smoothing
-and the L2 penalty: both raise the training loss by design, and a score that included them would
+and the L2 penalty (`retrain.evaluation.cross_entropy`, as fine-tuning's `val_loss`): both raise the training loss by design, and a score that included them would
 favour the trials that use less of them rather than the heads that predict better.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrain.errors import RetrainError
+from retrain.evaluation import cross_entropy
 from retrain.params import TrainParams
 from retrain.tf.head_training import to_head, train_head
 
@@ -116,11 +117,9 @@ def _run_trial(number, searched, train, validation, num_classes, params, seed) -
 
 
 def _score(model, validation: tuple[np.ndarray, np.ndarray]) -> float:
-    """Plain validation cross-entropy of the model's softmax; a diverged trial scores +inf."""
+    """Plain validation cross-entropy (`evaluation.cross_entropy` of the logits); a diverged trial scores +inf."""
     features, labels = validation
-    probabilities = to_head(model).probabilities(features).astype(np.float64)
-    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
-    value = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+    value = cross_entropy(labels, logits=to_head(model).logits(features))
     return value if math.isfinite(value) else math.inf
 
 

@@ -157,12 +157,20 @@ def _calibration(representative: np.ndarray):
 
 
 def export_variants(
-    classifier, out_dir: Path, export, seed: int, train_paths: list[str], test_paths: list[str], test_labels: np.ndarray
+    classifier,
+    out_dir: Path,
+    export,
+    seed: int,
+    train_paths: list[str],
+    test_paths: list[str],
+    test_labels: np.ndarray,
+    expected: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Convert, evaluate and gate the `export.tflite_quantized` variants beside out_dir/model.tflite
     (float32, written by save_classifier); write the accepted ones and out_dir/tflite_metrics.json.
-    `export` is params' ExportParams. Returns flat metrics for MLflow: tflite_<variant>_accuracy,
-    _size_bytes, _latency_ms and _written (1 or 0)."""
+    `export` is params' ExportParams; `expected`, evaluate's test probabilities, which float32 must
+    reproduce. Returns flat metrics for MLflow: tflite_<variant>_accuracy, _size_bytes, _latency_ms
+    and _written (1 or 0), and tflite_float32_max_abs_difference with `expected`."""
     out_dir = Path(out_dir)
     labels = [label.decode() for label in classifier.label_table.numpy()]
     variants, max_drop = export.tflite_quantized, export.max_quantization_drop
@@ -173,7 +181,7 @@ def export_variants(
     )
     models = {BASELINE: (out_dir / file_name(BASELINE)).read_bytes()}
     models.update({v: write_metadata(convert(classifier, v, calibration), labels) for v in variants if v != BASELINE})
-    results = evaluate_variants(models, test_paths, test_labels)
+    results = evaluate_variants(models, test_paths, test_labels, expected)
     apply_drop_gate(results, max_drop)
     for variant, result in results.items():
         if variant != BASELINE and result.written:
@@ -185,7 +193,10 @@ def export_variants(
             f"{result.latency_ms:.3g} ms per image; {result.file}"
         )
     _write_report(out_dir / METRICS_FILE, results, len(test_paths), max_drop, calibration, seed)
-    return flat_metrics(results)
+    flat = flat_metrics(results)
+    if results[BASELINE].max_abs_difference is not None:
+        flat[f"tflite_{BASELINE}_max_abs_difference"] = results[BASELINE].max_abs_difference
+    return flat
 
 
 def _write_report(
