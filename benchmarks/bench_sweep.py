@@ -53,8 +53,9 @@ def make_project(code: Path, root: Path, images: Path) -> None:
     (root / "params.yaml").write_text("\n".join(params) + "\n")
     sh(root, "git", "init", "-q")
     sh(root, "dvc", "init", "-q")
-    if (code / ".dvc/config").is_file():  # the checkout's DVC settings (cache link type), as a clone has them
-        shutil.copy(code / ".dvc/config", root / ".dvc/config")
+    for name in (".dvc/config", ".dvcignore"):  # the checkout's DVC settings (cache link type), as a clone has them
+        if (code / name).is_file():
+            shutil.copy(code / name, root / name)
     sh(root, "git", "add", "-A")
     sh(root, "git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "pipeline")
 

@@ -17,7 +17,7 @@ from retrain.model_input import backbone_spec
 from retrain.params import load_params
 from retrain.pyfunc import write_classes
 from retrain.records import stage_record
-from retrain.tf.export import build_classifier, check_accuracy, check_reproduces, load_model, save_classifier
+from retrain.tf.export import build_classifier, check_accuracy, check_reproduces, save_classifier
 from retrain.tf.tflite_convert import export_variants
 from retrain.tflite_variants import train_image_paths
 
@@ -34,14 +34,14 @@ def export():
     backbone = load_backbone(name, image_size=size)
     labels = load_labels(paths.FINETUNE_DIR)
     classifier = build_classifier(backbone, load_head(paths.FINETUNE_HEAD), labels, params.export.top_k)
-    save_classifier(classifier, paths.MODEL_DIR, tflite=True)  # retrain predict and the MLflow model run it
+    saved_model = save_classifier(classifier, paths.MODEL_DIR, tflite=True)  # model.tflite: what predict runs
     with np.load(paths.PREDICTIONS, allow_pickle=False) as predictions:
         expected, test_paths = predictions["probabilities"], [str(p) for p in predictions["paths"]]
         test_labels = predictions["labels"]
     # The SavedModel's own decoder on a sample (its graph is what TF Serving runs); model.tflite,
     # which `retrain predict` and the MLflow model run, on every test image in export_variants.
     sample = np.unique(np.linspace(0, len(test_paths) - 1, SAVED_MODEL_CHECK_IMAGES).astype(int))  # every class
-    worst = check_reproduces(load_model(paths.MODEL_DIR), [test_paths[i] for i in sample], expected[sample])
+    worst = check_reproduces(saved_model, [test_paths[i] for i in sample], expected[sample])
     write_classes(paths.MODEL_DIR, labels, params.export.top_k)  # the served MLflow model's labels
     tflite_metrics = export_variants(
         classifier,

@@ -115,7 +115,8 @@ def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
     )
     run(root, "git", "init", "-q")
     run(root, "dvc", "init", "-q")
-    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the project's DVC settings, as a clone has them
+    for name in (".dvc/config", ".dvcignore"):  # the project's DVC settings, as a clone has them
+        shutil.copy(REPO / name, root / name)
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
     return root

@@ -319,3 +319,26 @@ def test_the_checker_sees_params_read_through_functions_and_sections():
     # Limits.of(params.data) reads four keys of the section, not the whole of it
     assert {"data.max_download_bytes", "data.max_compression_ratio", "data.url"} <= param_reads("download")
     assert "data" not in param_reads("download") and "tracking.experiment" not in param_reads("download")
+
+
+def test_compiled_bytecode_does_not_change_a_code_dependency(tmp_path):
+    """Stages depend on the `retrain` folder: the __pycache__ Python writes there on import (as it
+    does on a user's machine) must not make every stage out of date."""
+    import os
+    import subprocess
+    import sys
+
+    from project import run
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mod.py").write_text("VALUE = 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo done > out.txt\n    deps:\n    - lib\n    outs:\n    - out.txt\n")
+    run(tmp_path, "git", "init", "-q")
+    run(tmp_path, "dvc", "init", "-q")
+    (tmp_path / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
+    run(tmp_path, "dvc", "repro", "-q")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", "import mod"], cwd=tmp_path / "lib", env=env, check=True)
+    assert list((tmp_path / "lib" / "__pycache__").glob("mod.*.pyc"))
+    status = run(tmp_path, "dvc", "status", "--json")
+    assert status.stdout.strip() == "{}", status.stdout

@@ -230,3 +230,42 @@ def test_export_reuses_the_backbones_conversion_and_writes_each_heads_weights_in
             np.testing.assert_allclose(
                 runner.get_tensor(runner.get_output_details()[0]["index"])[0], probabilities, atol=1e-5
             )
+
+
+def test_export_saves_each_heads_savedmodel_from_the_graph_it_kept(tiny_backbone, tmp_path, monkeypatch):
+    """The second head of the same shapes is saved without tracing: the kept graph, its own weights
+    and labels (its serving signature, labels and fingerprint are its own)."""
+    import tensorflow as tf
+
+    from retrain.backbones import load_backbone
+    from retrain.head import Head
+    from imagegen import image_bytes
+    from retrain.tf.export import build_classifier, load_model, save_classifier
+
+    monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    backbone = load_backbone(str(tiny_backbone))
+
+    def classifier(seed, labels):
+        rng = np.random.default_rng(seed)
+        head = Head(
+            [rng.normal(size=(backbone.feature_dim, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)],
+            [rng.normal(size=6).astype(np.float32), rng.normal(size=3).astype(np.float32)],
+            ["relu", "softmax"],
+        )
+        return build_classifier(backbone, head, labels, top_k=2)
+
+    save_classifier(classifier(1, ["a", "b", "c"]), tmp_path / "first", tflite=False)
+    (template,) = (tmp_path / "cache").rglob("classifiers/*.savedmodel")
+    monkeypatch.setattr(tf.saved_model, "save", lambda *a, **k: pytest.fail("traced and saved again"))
+    save_classifier(classifier(2, ["x", "y", "z"]), tmp_path / "second", tflite=False)
+    images = np.random.default_rng(3).random((4, *backbone.image_size, 3)).astype(np.float32)
+    for seed, name, labels in ((1, "first", ["a", "b", "c"]), (2, "second", ["x", "y", "z"])):
+        model = load_model(tmp_path / name)
+        got = model.signatures["classify_images"](images=tf.constant(images))["probabilities"].numpy()
+        expected = classifier(seed, labels).classify_images(tf.constant(images))["probabilities"].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert [v.decode() for v in model.signatures["labels"]()["labels"].numpy()] == labels
+        served = model.signatures["serving_default"](image_bytes=tf.constant([image_bytes("PNG", (200, 30, 30))]))
+        assert [v.decode() for v in served["top_k_labels"].numpy()[0]] == [labels[i] for i in served["top_k_indices"][0]]
+    fingerprints = {(tmp_path / n / "saved_model" / "fingerprint.pb").read_bytes() for n in ("first", "second")}
+    assert len(fingerprints) == 2

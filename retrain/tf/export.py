@@ -9,12 +9,17 @@ the top-k labels. A user needs TensorFlow and nothing of this project to serve i
 variants: `retrain.tflite_variants`).
 """
 
+import hashlib
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from retrain.atomic import atomic_dir
+from retrain.cache import backbones_root
 from retrain.errors import RetrainError
 from retrain.head import Head, logits
 from retrain.limits import MAX_IMAGE_PIXELS
@@ -33,7 +38,8 @@ class Classifier(tf.Module):
     def __init__(self, backbone, head: Head, labels: list[str], top_k: int, max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__(name="retrain_classifier")
         self.max_image_pixels = max_image_pixels  # a constant of the serving graph
-        self.backbone = backbone.module  # tracked, so its variables are saved with the model
+        # self.backbone (the restored module, tracked so its variables are saved) is set by a full
+        # save_classifier only: a save from the template never restores the backbone.
         self._features = backbone.features
         self._single_pass_features = backbone.single_pass_features
         self.image_size = tuple(backbone.image_size)
@@ -96,24 +102,108 @@ def build_classifier(
     return Classifier(backbone, head, labels, top_k, max_image_pixels)
 
 
-def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool) -> None:
-    """Write out_dir/saved_model, out_dir/labels.txt and (optionally) out_dir/model.tflite atomically."""
+def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool):
+    """Write out_dir/saved_model, out_dir/labels.txt and (optionally) out_dir/model.tflite atomically;
+    returns the SavedModel as loaded back (what TF Serving would run).
+
+    Tracing and saving the graph costs ~5 s, nearly all of it the backbone, which experiments on the
+    head never change. So the first save of each graph (backbone, head shapes and activations, label
+    count, top_k, pixel limit, this code) is kept as a template in `backbones_root()`; later saves
+    copy its graph and write a checkpoint of its variables with this head's weights and labels in
+    place of the template's. Anything unexpected falls back to a full save.
+    """
+    labels = [label.decode() for label in classifier.label_table.numpy()]
     with atomic_dir(out_dir) as temp:
-        signatures = {
-            "serving_default": classifier.serve.get_concrete_function(),
-            "classify_images": classifier.classify_images.get_concrete_function(),
-            "labels": classifier.labels.get_concrete_function(),
-        }
-        tf.saved_model.save(classifier, str(temp / "saved_model"), signatures=signatures)
-        labels = [label.decode() for label in classifier.label_table.numpy()]
+        saved = temp / "saved_model"
+        template = _template_dir(classifier)
+        if not _save_from_template(classifier, template, saved):
+            classifier.backbone = classifier._source.module  # tracked, so its variables are saved with the model
+            signatures = {
+                "serving_default": classifier.serve.get_concrete_function(),
+                "classify_images": classifier.classify_images.get_concrete_function(),
+                "labels": classifier.labels.get_concrete_function(),
+            }
+            tf.saved_model.save(classifier, str(saved), signatures=signatures)
+            _keep_template(saved, template)
+        model = load_model(saved)
         (temp / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         if tflite:
-            (temp / "model.tflite").write_bytes(_to_tflite(classifier, labels))
+            classify = model.signatures["classify_images"]
+            reference = lambda images: classify(images=images)["probabilities"]  # noqa: E731
+            (temp / "model.tflite").write_bytes(write_metadata(float32_model(classifier, reference), labels))
+    return model
 
 
-def _to_tflite(classifier: Classifier, labels: list[str]) -> bytes:
-    """The float32 single-image model with MediaPipe metadata (labels, normalisation) inside."""
-    return write_metadata(float32_model(classifier), labels)
+# Bump when the saved graph changes in a way the sources in _GRAPH_MODULES do not show.
+SAVED_TEMPLATE_VERSION = "1"
+_GRAPH_MODULES = ("retrain.tf.export", "retrain.tf.graph_images", "retrain.tf.image_header", "retrain.head")
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def _template_dir(classifier: Classifier) -> Path:
+    head = classifier._head
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                SAVED_TEMPLATE_VERSION,
+                tf.__version__,
+                classifier._source.weights_id,
+                list(classifier.image_size),
+                [list(k.shape) for k in head.kernels],
+                head.activations,
+                int(classifier.label_table.shape[0]),
+                classifier.top_k,
+                classifier.max_image_pixels,
+                [hashlib.sha256(Path(sys.modules[m].__file__).read_bytes()).hexdigest() for m in _GRAPH_MODULES],
+            ]
+        ).encode()
+    ).hexdigest()
+    return backbones_root() / "classifiers" / f"{key[:32]}.savedmodel"
+
+
+def _head_values(classifier: Classifier) -> dict[str, tf.Tensor]:
+    """The checkpoint keys of what differs between classifiers of one template, with this one's values."""
+    values = {"label_table/.ATTRIBUTES/VARIABLE_VALUE": classifier.label_table}
+    for name, arrays in (("kernels", classifier.kernels), ("biases", classifier.biases)):
+        values |= {f"{name}/{i}/.ATTRIBUTES/VARIABLE_VALUE": v for i, v in enumerate(arrays)}
+    return {k: tf.convert_to_tensor(v) for k, v in values.items()}
+
+
+def _save_from_template(classifier: Classifier, template: Path, saved: Path) -> bool:
+    """saved/ = template's graph + a checkpoint of its variables with classifier's head; False when
+    there is no usable template (nothing written then)."""
+    prefix = template / "variables" / "variables"
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except (tf.errors.OpError, ValueError):  # no template yet, or a damaged one: a full save replaces it
+        return False
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+    ours = _head_values(classifier)
+    if _OBJECT_GRAPH not in dtypes or any(
+        k not in dtypes or dtypes[k] != v.dtype or list(shapes[k]) != v.shape.as_list() for k, v in ours.items()
+    ):
+        return False
+    shutil.copytree(template, saved, ignore=shutil.ignore_patterns("variables", "fingerprint.pb"))
+    names = sorted(dtypes)
+    tf.raw_ops.SaveV2(
+        prefix=str(saved / "variables" / "variables"),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[ours[k] if k in ours else tf.constant(reader.get_tensor(k), dtype=dtypes[k]) for k in names],
+    )
+    from tensorflow.python.saved_model import fingerprinting_utils
+
+    fingerprinting_utils.write_fingerprint(str(saved))  # fingerprint.pb hashes the new variables too
+    return True
+
+
+def _keep_template(saved: Path, template: Path) -> None:
+    """A copy of a fully saved SavedModel as the template of its graph (best effort: a cache)."""
+    try:
+        with atomic_dir(template) as temp:
+            shutil.copytree(saved, temp, dirs_exist_ok=True)
+    except OSError:
+        pass
 
 
 def load_model(model_dir: Path):

@@ -53,15 +53,16 @@ def convert(classifier, variant: str, representative: np.ndarray | None = None) 
 TEMPLATE_VERSION = "1"
 
 
-def float32_model(classifier) -> bytes:
+def float32_model(classifier, reference=None) -> bytes:
     """`convert(classifier, "float32")`, without converting the backbone again for every head.
 
     Converting costs ~5 s, nearly all of it the backbone, which experiments on the head never
     change. So the classifier is converted once per (backbone, head shapes and activations) with
     a marker head of seeded random weights, kept as a template in `backbones_root()`, and each
     export writes its own head's weights over the marker's bytes (found by value: each marker
-    array occurs once). The result is checked against TensorFlow on an image; anything unexpected
-    falls back to a full conversion.
+    array occurs once). The result is checked against TensorFlow on an image (`reference`: a
+    function of float32 images [N,H,W,3] to probabilities, e.g. the saved model's; default the
+    classifier's own graph); anything unexpected falls back to a full conversion.
     """
     head, backbone = classifier._head, classifier._source
     key = hashlib.sha256(
@@ -88,7 +89,7 @@ def float32_model(classifier) -> bytes:
         with atomic_file(path) as temp:
             temp.write_bytes(template)
     model = _with_head(template, marker, head)
-    if model is None or not _agrees(model, classifier):
+    if model is None or not _agrees(model, classifier, reference):
         return convert(classifier, BASELINE)
     return model
 
@@ -121,8 +122,8 @@ def _with_head(template: bytes, marker: Head, head: Head) -> bytes | None:
     return bytes(model)
 
 
-def _agrees(model: bytes, classifier, tolerance: float = 1e-4) -> bool:
-    """The patched model gives TensorFlow's probabilities on a seeded random image."""
+def _agrees(model: bytes, classifier, reference=None, tolerance: float = 1e-4) -> bool:
+    """The patched model gives TensorFlow's probabilities (`reference`'s) on a seeded random image."""
     from retrain.backbones.xnnpack import interpreter
 
     image = np.random.default_rng(0).random((1, *classifier.image_size, 3), dtype=np.float32)
@@ -130,7 +131,9 @@ def _agrees(model: bytes, classifier, tolerance: float = 1e-4) -> bool:
     runner.set_tensor(runner.get_input_details()[0]["index"], image)
     runner.invoke()
     ours = runner.get_tensor(runner.get_output_details()[0]["index"])
-    theirs = classifier._classify_images(tf.constant(image), single_pass=True)["probabilities"].numpy()
+    if reference is None:
+        reference = lambda images: classifier._classify_images(images, single_pass=True)["probabilities"]  # noqa: E731
+    theirs = np.asarray(reference(tf.constant(image)))
     return ours.shape == theirs.shape and float(np.max(np.abs(ours - theirs))) <= tolerance
 
 
