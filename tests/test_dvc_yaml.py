@@ -332,7 +332,9 @@ def test_compiled_bytecode_does_not_change_a_code_dependency(tmp_path):
 
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "mod.py").write_text("VALUE = 1\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo done > out.txt\n    deps:\n    - lib\n    outs:\n    - out.txt\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: echo done > out.txt\n    deps:\n    - lib\n    outs:\n    - out.txt\n"
+    )
     run(tmp_path, "git", "init", "-q")
     run(tmp_path, "dvc", "init", "-q")
     (tmp_path / ".dvcignore").write_text((REPO / ".dvcignore").read_text())

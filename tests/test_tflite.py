@@ -237,9 +237,9 @@ def test_export_saves_each_heads_savedmodel_from_the_graph_it_kept(tiny_backbone
     and labels (its serving signature, labels and fingerprint are its own)."""
     import tensorflow as tf
 
+    from imagegen import image_bytes
     from retrain.backbones import load_backbone
     from retrain.head import Head
-    from imagegen import image_bytes
     from retrain.tf.export import build_classifier, load_model, save_classifier
 
     monkeypatch.setenv("RETRAIN_CACHE_DIR", str(tmp_path / "cache"))
@@ -266,6 +266,8 @@ def test_export_saves_each_heads_savedmodel_from_the_graph_it_kept(tiny_backbone
         np.testing.assert_allclose(got, expected, atol=1e-6)
         assert [v.decode() for v in model.signatures["labels"]()["labels"].numpy()] == labels
         served = model.signatures["serving_default"](image_bytes=tf.constant([image_bytes("PNG", (200, 30, 30))]))
-        assert [v.decode() for v in served["top_k_labels"].numpy()[0]] == [labels[i] for i in served["top_k_indices"][0]]
+        assert [v.decode() for v in served["top_k_labels"].numpy()[0]] == [
+            labels[i] for i in served["top_k_indices"][0]
+        ]
     fingerprints = {(tmp_path / n / "saved_model" / "fingerprint.pb").read_bytes() for n in ("first", "second")}
     assert len(fingerprints) == 2
