@@ -92,8 +92,9 @@ def publish(images: Path, served: Path) -> str:
     return file_sha256(make_tgz(images, served / "flowers.tgz", arcname="flowers"))
 
 
-def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
-    """A git + DVC repo holding this project's pipeline, pointed at the served archive."""
+def make_project(root: Path, url: str, sha: str, backbone: Path, **overrides) -> Path:
+    """A git + DVC repo holding this project's pipeline, pointed at the served archive; `overrides`
+    (dotted params) are committed with it."""
     for name in ("dvc.yaml", ".gitignore", "exclusions.csv"):  # what a clone has beside the code
         shutil.copy(REPO / name, root / name)
     for folder in ("stages", "retrain"):
@@ -111,6 +112,7 @@ def make_project(root: Path, url: str, sha: str, backbone: Path) -> Path:
             "train.early_stopping_patience": 10,
             "evaluate.top_k": [1, 2],
             "export.top_k": 2,
+            **overrides,
         },
     )
     run(root, "git", "init", "-q")
@@ -130,6 +132,8 @@ def generated_project(tmp_path_factory, name: str, backbone: Path, per_class: in
     make_class_folders(folder / "flowers", CLASSES, per_class=per_class, size=(64, 64))
     (folder / "archive").mkdir()
     sha = publish(folder / "flowers", folder / "archive")
-    root = make_project(tmp_path_factory.mktemp(name), str(folder / "archive/flowers.tgz"), sha, backbone)
-    set_params(root, **{"train.epochs": 20})
-    return root
+    # Committed with the pipeline: a params.yaml rewritten just after a commit, at the same size, can
+    # look unchanged to git (same mtime tick), so a clone would get the old values.
+    return make_project(
+        tmp_path_factory.mktemp(name), str(folder / "archive/flowers.tgz"), sha, backbone, **{"train.epochs": 20}
+    )
