@@ -5,7 +5,7 @@ only) → dense → softmax over the classes. `architecture` says which layers a
 `logits` how they are applied; training (`retrain.tf.head_training`), evaluation and
 `retrain predict`'s check (numpy, here) and export (`retrain.tf.export`, in the SavedModel and
 every .tflite) all run these two functions, each with its runtime's ops (`NUMPY_OPS` here,
-`retrain.tf.head_training.TF_OPS`), so a change of architecture reaches every path at once.
+`retrain.tf.TF_OPS`), so a change of architecture reaches every path at once.
 
 A trained head is data: `Head` (a kernel, a bias and an activation per dense layer), stored as
 one .npz file; reading it needs numpy only.

@@ -19,7 +19,7 @@ import numpy as np
 
 from retrain.backbones.xnnpack import interpreter
 from retrain.errors import RetrainError
-from retrain.features import read_split
+from retrain.features import image_batches, read_split
 from retrain.images import decode_image, resize_image
 from retrain.tflite_metadata import read_metadata
 
@@ -127,17 +127,24 @@ def evaluate_variants(
     correct = {v: 0 for v in runners}
     seconds = {v: [] for v in runners}
     baseline = []
-    for i, (path, label) in enumerate(zip(test_paths, test_labels)):
-        image = load_image(Path(path).read_bytes(), size)
-        for variant, runner in runners.items():
-            probabilities = runner.probabilities_of_image(image)
-            correct[variant] += int(np.argmax(probabilities) == label)
-            if variant == BASELINE:
-                baseline.append(probabilities)
-            if i < LATENCY_IMAGES:
-                start = time.perf_counter()
-                phone[variant].probabilities_of_image(image)
-                seconds[variant].append(time.perf_counter() - start)
+    seen = 0
+    # The one image pipeline (threaded decode, order kept); a file it cannot read never arrives.
+    for images, indices, labels in image_batches(test_paths, size, 16, extra=(np.arange(len(test_paths)), test_labels)):
+        for image, i, label in zip(images, indices, labels):
+            if i != seen:
+                break
+            seen += 1
+            for variant, runner in runners.items():
+                probabilities = runner.probabilities_of_image(image)
+                correct[variant] += int(np.argmax(probabilities) == label)
+                if variant == BASELINE:
+                    baseline.append(probabilities)
+                if i < LATENCY_IMAGES:
+                    start = time.perf_counter()
+                    phone[variant].probabilities_of_image(image)
+                    seconds[variant].append(time.perf_counter() - start)
+    if seen < len(test_paths):
+        raise RetrainError(f"{test_paths[seen]}: cannot read this test image any more; rerun dvc repro")
     results = {
         v: VariantResult(
             file_name(v), correct[v] / len(test_paths), runners[v].size_bytes, 1000 * float(np.median(seconds[v]))

@@ -24,8 +24,8 @@ from retrain.errors import RetrainError
 from retrain.head import Head, logits
 from retrain.limits import MAX_IMAGE_PIXELS
 from retrain.native_log import filtered_stderr
+from retrain.tf import TF_OPS
 from retrain.tf.graph_images import decode_image, resize_image
-from retrain.tf.head_training import TF_OPS
 from retrain.tf.image_header import check_pixels
 from retrain.tf.tflite_convert import float32_model
 from retrain.tflite_metadata import write_metadata
@@ -136,7 +136,13 @@ def save_classifier(classifier: Classifier, out_dir: Path, tflite: bool):
 
 # Bump when the saved graph changes in a way the sources in _GRAPH_MODULES do not show.
 SAVED_TEMPLATE_VERSION = "1"
-_GRAPH_MODULES = ("retrain.tf.export", "retrain.tf.graph_images", "retrain.tf.image_header", "retrain.head")
+_GRAPH_MODULES = (
+    "retrain.tf",
+    "retrain.tf.export",
+    "retrain.tf.graph_images",
+    "retrain.tf.image_header",
+    "retrain.head",
+)
 _OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 

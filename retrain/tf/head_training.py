@@ -15,9 +15,7 @@ import tensorflow as tf
 from retrain.errors import RetrainError
 from retrain.head import Head, architecture, logits
 from retrain.params import TrainParams
-
-# `retrain.head.logits` on TensorFlow: the ops training, fine-tuning and export run the head with.
-TF_OPS = {"matmul": tf.matmul, "relu": tf.nn.relu, "tanh": tf.tanh, "sigmoid": tf.sigmoid}
+from retrain.tf import TF_OPS
 
 
 def set_seed(seed: int) -> None:
