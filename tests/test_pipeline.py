@@ -182,13 +182,11 @@ LIGHT_STAGES = [
 ]  # finetune: with fine-tuning off
 
 
-def _tensorflow_loaded_after(root, code: str) -> bool:
-    """Run code in a fresh interpreter in the project; whether it had imported tensorflow at exit."""
-    probe = (
-        "import atexit, sys\natexit.register(lambda: print('TENSORFLOW-LOADED', 'tensorflow' in sys.modules))\n" + code
-    )
+def _tensorflow_loaded_after(root, code: str, module: str = "tensorflow") -> bool:
+    """Run code in a fresh interpreter in the project; whether it had imported `module` at exit."""
+    probe = f"import atexit, sys\natexit.register(lambda: print('MODULE-LOADED', {module!r} in sys.modules))\n" + code
     result = run(root, sys.executable, "-c", probe, tracking_uri=None)
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("TENSORFLOW-LOADED")]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("MODULE-LOADED")]
     return line.split()[1] == "True"
 
 
@@ -199,6 +197,8 @@ def test_light_stages_predict_and_the_served_model_never_import_tensorflow(proje
         script = f"stages/{stage}.py"
         code = f"import runpy; sys.argv = [{script!r}]; runpy.run_path({script!r}, run_name='__main__')"
         assert not _tensorflow_loaded_after(root, code), f"stage {stage} imported tensorflow"
+    export = "import runpy; sys.argv = ['stages/export.py']; runpy.run_path('stages/export.py', run_name='__main__')"
+    assert not _tensorflow_loaded_after(root, export, "keras"), "export imported Keras (TensorFlow alone does)"
     (tmp_path / "red.jpg").write_bytes(image_bytes("JPEG", CLASSES["red"], (70, 70), seed=77))
     predict = f"from retrain.cli import main; assert main(['predict', {str(tmp_path / 'red.jpg')!r}]) == 0"
     assert not _tensorflow_loaded_after(root, predict), "retrain predict (model/model.tflite) imported tensorflow"
