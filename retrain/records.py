@@ -4,7 +4,7 @@ A stage never talks to the tracking store. Once its outputs are written it write
 `data/runs/<stage>.json`, a DVC output of its own: a new `record_id`, the metrics (with steps and
 times), tags, artifacts (files the stage wrote, to upload), TensorBoard folders, child runs (the
 head search's trials) and the model to log. The `log` stage, last in dvc.yaml, builds the
-execution's one MLflow run from these files (`retrain.tracking.log_execution`). A stage DVC skips
+execution's one MLflow run from these files (`retrain.run_log.log_execution`). A stage DVC skips
 keeps its record as it was, so the log step sees that an earlier run logged it already.
 No MLflow here: importing it costs a stage 1.5-9 s.
 """
@@ -37,7 +37,7 @@ class StageRecord:
     artifacts: list[list[str]] = field(default_factory=list)  # [local file or folder, artifact folder or ""]
     tensorboard: list[list[str]] = field(default_factory=list)  # [local folder, folder under logs/<run name>/]
     children: list[dict] = field(default_factory=list)  # {"name", "params", "metrics", "tags"}
-    model: dict | None = None  # {"example": image path, "top_k": k}: log model/ as the run's pyfunc model
+    model: dict | None = None  # {"example": image path}: log model/ as the run's pyfunc model
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = _now_ms()
@@ -83,22 +83,24 @@ def stage_record(stage: str):
     """Yields the stage's record; written (atomically) only when the block succeeds."""
     record = StageRecord(stage)
     yield record
-    record.set_tags({f"{stage}.process_seconds": round(time.time() - _process_started(), 2)})  # where time goes
+    record.set_tags({f"{stage}.process_seconds": round(time.time() - process_started(), 2)})  # where time goes
     record.write()
 
 
-def _process_started() -> float:
+def process_started() -> float:
+    """When this process started (epoch seconds): `<stage>.process_seconds` counts from it."""
     import psutil
 
     return psutil.Process(os.getpid()).create_time()
 
 
-def read_record(stage: str, root: Path = Path(".")) -> dict | None:
-    """data/runs/<stage>.json as a dict with a record_id, or None (missing, unreadable, or older)."""
+def read_record(stage: str, root: Path = Path("."), key: str = "record_id") -> dict | None:
+    """data/runs/<stage>.json as a dict with a string `key` (log.json's is run_id), or None
+    (missing, unreadable, or older)."""
     from retrain.small_files import read_capped_text
 
     try:
         record = json.loads(read_capped_text(root / paths.RUNS_DIR / f"{stage}.json", what="stage record"))
     except (FileNotFoundError, json.JSONDecodeError, RecursionError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("record_id"), str) else None
+    return record if isinstance(record, dict) and isinstance(record.get(key), str) else None

@@ -29,7 +29,7 @@ import yaml
 
 from retrain import paths
 from retrain.atomic import atomic_file
-from retrain.records import LOG_STAGE, read_record
+from retrain.records import LOG_STAGE, process_started, read_record
 from retrain.tracking import (
     fail_stale_runs,
     filter_string,
@@ -74,8 +74,6 @@ def log_execution(params, stages: list[str] | None = None) -> dict:
 
 def create_run(client, experiment_id: str, params):
     """A new RUNNING run for this execution, owned by this process (`retrain.pid`), params logged."""
-    from mlflow.entities import Param, RunTag
-
     from retrain.params import flatten
 
     flat = flatten(params)
@@ -86,11 +84,16 @@ def create_run(client, experiment_id: str, params):
         "retrain.params_hash": params_hash(flat),
     }
     run = client.create_run(experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or None, tags=tags)
-    items = [Param(k, str(v)) for k, v in flat.items()]
-    for i in range(0, len(items), BATCH):
-        client.log_batch(run.info.run_id, params=items[i : i + BATCH])
-    client.log_batch(run.info.run_id, tags=[RunTag("retrain.params_hash", tags["retrain.params_hash"])])
+    _log_params(client, run.info.run_id, flat)
     return run
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for i in range(0, len(items), BATCH):
+        client.log_batch(run_id, params=items[i : i + BATCH])
 
 
 def _sort_records(client, experiment_id: str, records: dict) -> tuple[list[str], dict[str, str]]:
@@ -124,7 +127,7 @@ def _log_run(client, run, records: dict, ran: list[str], reused: dict[str, str],
                 _log_stage(client, run, stage, record)
         if paths.SPLIT_CSV.exists():
             log_dataset_inputs(paths.SPLIT_CSV, redact_url(params.data.url))
-        _set_tags(client, run_id, {f"{LOG_STAGE}.process_seconds": round(time.time() - _process_started(), 2)})
+        _set_tags(client, run_id, {f"{LOG_STAGE}.process_seconds": round(time.time() - process_started(), 2)})
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
@@ -133,12 +136,6 @@ def _log_run(client, run, records: dict, ran: list[str], reused: dict[str, str],
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run()
-
-
-def _process_started() -> float:
-    import psutil
-
-    return psutil.Process(os.getpid()).create_time()
 
 
 def _metrics(history: dict) -> list:
@@ -192,13 +189,9 @@ def _log_stage(client, run, stage: str, record: dict) -> None:
 
 def _log_child(client, run, child: dict) -> None:
     """A child run (a head-search trial) under the execution's run: the UI compares them side by side."""
-    from mlflow.entities import Param
-
     tags = {**child.get("tags", {}), "mlflow.parentRunId": run.info.run_id}
     created = client.create_run(run.info.experiment_id, run_name=f"{run.info.run_name}-{child['name']}", tags=tags)
-    params = [Param(k, v) for k, v in child.get("params", {}).items()]
-    for i in range(0, len(params), BATCH):
-        client.log_batch(created.info.run_id, params=params[i : i + BATCH])
+    _log_params(client, created.info.run_id, child.get("params", {}))
     _log_metrics(client, created.info.run_id, child.get("metrics", {}))
     client.set_terminated(created.info.run_id)
 

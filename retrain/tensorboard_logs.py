@@ -7,6 +7,7 @@ Written with TensorBoard's own record writer and protos: no TensorFlow, so evalu
 """
 
 import io
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ class TensorBoard:
     """The event files of one run: learning curves, weight histograms, misclassified test images."""
 
     def __init__(self, folder: Path):
+        """folder: the stage's own TensorBoard output; what it held from the last run is removed."""
         self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def write_history(self, history: dict[str, list[float]], weights: dict[int, list] | None = None) -> None:
         """history: key → per-epoch values (loss, accuracy, val_*); weights: epoch → [(name, array)]."""

@@ -131,8 +131,8 @@ def evaluate_variants(
     # The one image pipeline (threaded decode, order kept); a file it cannot read never arrives.
     for images, indices, labels in image_batches(test_paths, size, 16, extra=(np.arange(len(test_paths)), test_labels)):
         for image, i, label in zip(images, indices, labels):
-            if i != seen:
-                break
+            if i != seen:  # image_batches skipped it
+                raise RetrainError(f"{test_paths[seen]}: cannot read this test image any more; rerun dvc repro")
             seen += 1
             for variant, runner in runners.items():
                 probabilities = runner.probabilities_of_image(image)

@@ -244,13 +244,10 @@ def _unreachable(error: Exception) -> RetrainError:
 
 def logged_run_id(root: Path) -> str:
     """The MLflow run that holds the workspace's results: data/runs/log.json, the log stage's record."""
-    from retrain.small_files import read_capped_text
+    from retrain.records import LOG_STAGE, read_record
 
-    try:
-        record = json.loads(read_capped_text(root / paths.RUNS_DIR / "log.json", what="log record"))
-    except (FileNotFoundError, json.JSONDecodeError, RecursionError):
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+    record = read_record(LOG_STAGE, root, key="run_id")
+    if record is None:
         raise RetrainError(f"{paths.RUNS_DIR / 'log.json'}: no logged run; run `dvc repro` first")
     return record["run_id"]
 

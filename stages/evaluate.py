@@ -6,7 +6,6 @@ features its backbone gives), never asking which stage produced it.
 
 import csv
 import json
-import shutil
 
 import numpy as np
 
@@ -46,7 +45,6 @@ def evaluate():
     reports = write_reports(
         paths.REPORTS_DIR, y_test, probabilities, labels, test_paths, _read_history(), params.evaluate.top_k
     )
-    shutil.rmtree(paths.EVALUATE_TENSORBOARD, ignore_errors=True)
     misclassified = top_misclassified(y_test, probabilities, labels, test_paths, limit=8)
     TensorBoard(paths.EVALUATE_TENSORBOARD).write_misclassified(misclassified)
     with stage_record("evaluate") as record:

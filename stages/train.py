@@ -2,7 +2,6 @@
 
 import csv
 import json
-import shutil
 import time
 
 import numpy as np
@@ -45,7 +44,6 @@ def train():
     save_head(to_head(model), paths.HEAD)
     _write_history(history)
     _write_search(search)
-    shutil.rmtree(paths.TRAIN_TENSORBOARD, ignore_errors=True)
     TensorBoard(paths.TRAIN_TENSORBOARD).write_history(history, weights)
     with stage_record("train") as record:
         for epoch in range(len(history["loss"])):
